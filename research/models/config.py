@@ -1,0 +1,99 @@
+"""The decoder's hyperparameters: one frozen dataclass shared by every stage and by the converters."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from research.errors import ConfigError
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-family decoder (Llama, Qwen2, Mistral share it; options cover their differences)."""
+
+  vocab_size: int = 8192
+  hidden_size: int = 256
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  mlp_dim: int = 688
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-6
+  attention_bias: bool = False  # Qwen2 has biases on q, k, v
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 2048  # recorded for export; RoPE itself has no table
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  # Token ids recorded for export and generation (None when unknown).
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  pad_token_id: int | None = None
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim else self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def validate(self) -> None:
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ConfigError(
+          f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads="
+          f"{self.num_heads}; set model.head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary embeddings")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ConfigError(f"model.{name}={getattr(self, name)!r} is not a dtype") from e
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ConfigError(f"unknown model config keys {unknown}; known: {sorted(fields)}")
+    return cls(**dict(d))
+
+  def num_params(self) -> int:
+    """Parameter count computed from shapes (embeddings included)."""
+    h, hd = self.hidden_size, self.resolved_head_dim
+    q, kv = self.num_heads * hd, self.num_kv_heads * hd
+    attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+    mlp = 3 * h * self.mlp_dim
+    per_layer = attn + mlp + 2 * h
+    head = 0 if self.tie_embeddings else h * self.vocab_size
+    return self.vocab_size * h + self.num_layers * per_layer + h + head
