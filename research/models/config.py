@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from research.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+HF_ARCHITECTURES = ("llama", "qwen2", "mistral")  # the Hugging Face model types this decoder matches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | None = None
   pad_token_id: int | None = None
+  # The Hugging Face model type this config was imported from; export writes it back by default.
+  hf_architecture: str | None = None
 
   def __post_init__(self):
     self.validate()
@@ -68,6 +71,9 @@ class ModelConfig:
       raise ConfigError(f"head_dim={self.resolved_head_dim} must be even for rotary embeddings")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
+    if self.hf_architecture is not None and self.hf_architecture not in HF_ARCHITECTURES:
+      raise ConfigError(f"model.hf_architecture={self.hf_architecture!r}; choose one of "
+                        f"{HF_ARCHITECTURES} or None")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
