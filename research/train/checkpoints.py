@@ -1,0 +1,193 @@
+"""Training checkpoints: a thin wrapper over orbax `CheckpointManager` that stores the train state
+(sharded jax arrays, restorable onto a different mesh) next to a JSON `extra` item per step.
+
+Guarantees (checked in tests/test_checkpoints.py):
+  * Atomic steps: orbax writes `<dir>/<step>.orbax-checkpoint-tmp-<ts>` and renames it to `<dir>/<step>`
+    only once every process has finished, so a crash mid-save never shows up in `latest_step()`.
+  * Retention: only the newest `max_to_keep` finalized steps are kept.
+  * Resharding: `restore` lays every array out with the sharding of the matching leaf in
+    `abstract_state`, whatever mesh the checkpoint was written from.
+  * Multi-process: every process calls `save`/`restore` with the same arguments; orbax writes each
+    array shard from the process that owns it and the JSON item and metadata from process 0 only.
+The step list is read when the `Checkpointer` is built and then tracks its own saves; build a new
+one to see steps written by another job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from research.errors import CheckpointError
+
+PyTree = Any
+
+_STATE = "state"
+_EXTRA = "extra"
+
+
+def _absolute(directory: str | os.PathLike) -> str:
+  # Remote paths (gs://...) are absolute already; local ones are made so because orbax resolves
+  # relative paths against its own idea of the working directory on each process.
+  directory = os.fspath(directory)
+  return directory if "://" in directory else os.path.abspath(directory)
+
+
+def _as_abstract(leaf: Any) -> Any:
+  # A concrete jax.Array target (e.g. a freshly initialised state) is accepted too: its shape, dtype
+  # and sharding are what the restored array should have.
+  if isinstance(leaf, jax.Array):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+  return leaf
+
+
+def _check_shardings(abstract_state: PyTree, directory: str) -> None:
+  missing = [
+      jax.tree_util.keystr(path)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+      if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None
+  ]
+  if missing:
+    # Without a target sharding orbax would reuse the mesh recorded at save time, which may name
+    # devices this job does not have; better to say so here than fail deep inside tensorstore.
+    raise ValueError(
+        f"restore from {directory}: abstract_state leaves {missing[:5]}"
+        f"{' ...' if len(missing) > 5 else ''} have no .sharding; build them with "
+        "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec)).")
+
+
+class Checkpointer:
+  """Saves and restores `(state, extra)` pairs under `directory/<step>/`."""
+
+  def __init__(self,
+               directory: str | os.PathLike,
+               max_to_keep: int,
+               save_interval_steps: int | None = None,
+               async_save: bool = True) -> None:
+    if max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+    self.directory = _absolute(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps or 1,
+        enable_async_checkpointing=async_save,
+        # Stale tmp dirs are left alone: another job (e.g. an evaluator) may hold a manager on the
+        # same directory, and cleaning at start-up could delete a save that is still in flight.
+        cleanup_tmp_directories=False,
+        create=True,
+    )
+    # Registering the handlers up front (rather than item_names) lets `restore_extra` read one item
+    # without the other and keeps orbax from warning about items it "cannot restore".
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=options,
+        item_handlers={
+            _STATE: ocp.StandardCheckpointHandler(),
+            _EXTRA: ocp.JsonCheckpointHandler(),
+        },
+    )
+
+  # -- saving -------------------------------------------------------------------------------------
+
+  def save(self, step: int, state: PyTree, extra: dict[str, Any], force: bool = False) -> bool:
+    """Starts saving `state` and `extra` as `step`; returns False if `save_interval_steps` skips it.
+
+    With `async_save` this returns once the arrays are copied to host memory, so the caller may
+    donate or overwrite its device buffers right away; the write to disk finishes in the background
+    (see `wait`). `force=True` saves even off the interval (e.g. the final step).
+    """
+    try:
+      json.dumps(extra)
+    except (TypeError, ValueError) as e:
+      # Checked here because with async saves the JSON write fails later on a background thread.
+      raise TypeError(f"checkpoint extra for step {step} in {self.directory} is not plain JSON "
+                      f"(dicts with str keys, lists, str, int, float, bool, None): {e}") from e
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            _STATE: ocp.args.StandardSave(state),
+            _EXTRA: ocp.args.JsonSave(extra),
+        }),
+        force=force,
+    )
+
+  def wait(self) -> None:
+    """Blocks until every pending asynchronous save is finalized on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's background threads."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+  # -- listing ------------------------------------------------------------------------------------
+
+  def latest_step(self) -> int | None:
+    """The newest finalized step, or None when there is none (unfinished tmp dirs never count)."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Finalized steps, ascending."""
+    return sorted(self._manager.all_steps())
+
+  # -- restoring ----------------------------------------------------------------------------------
+
+  def _resolve_step(self, step: int | None) -> int:
+    # A step still being written by this process is not restorable until it is finalized.
+    self.wait()
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(
+          f"no checkpoint found in {self.directory}: the directory is empty or holds only "
+          "unfinished saves (*.orbax-checkpoint-tmp-*). Check the workdir, or start without "
+          "resuming.")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise CheckpointError(
+          f"checkpoint step {step} not found in {self.directory}; available steps: {steps}. "
+          "Pass one of these, or None for the latest.")
+    return step
+
+  def restore(self, step: int | None, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
+    """Restores `(state, extra)` from `step` (None = latest).
+
+    `abstract_state` has the structure of the saved state, with `jax.ShapeDtypeStruct` leaves whose
+    `.sharding` says where each restored array goes (any mesh; it need not match the saving one).
+    Python scalars and numpy arrays in it come back as the same types. Dtypes are cast to the
+    requested ones; shapes must match exactly.
+    """
+    step = self._resolve_step(step)
+    abstract_state = jax.tree.map(_as_abstract, abstract_state)
+    _check_shardings(abstract_state, self.directory)
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{
+              _STATE: ocp.args.StandardRestore(abstract_state),
+              _EXTRA: ocp.args.JsonRestore(),
+          }),
+      )
+    except ValueError as e:
+      # Tree-structure or shape mismatches: almost always a changed model/optimizer config.
+      raise CheckpointError(
+          f"checkpoint {self.directory}/{step} does not match the state being restored into: {e}\n"
+          "Resume with the same model and optimizer config as the run that wrote it (its config is "
+          "in the checkpoint's extra), or point to a different checkpoint directory.") from e
+    return restored[_STATE], restored[_EXTRA]
+
+  def restore_extra(self, step: int | None = None) -> dict[str, Any]:
+    """Reads only the JSON item of `step` (None = latest), e.g. to rebuild the config first."""
+    step = self._resolve_step(step)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
+    return restored[_EXTRA]

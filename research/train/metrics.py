@@ -1,0 +1,173 @@
+"""Run outputs besides checkpoints: `metrics.jsonl` + TensorBoard scalars, `config.json`, and a
+periodic one-line progress log (`step 120/200  loss 3.214  ppl 24.9  tok/s 12,345  lr 3.0e-04`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsWriter:
+  """Appends scalar metrics to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`.
+
+  Build it with `enabled=False` on every process but 0 so only one copy is written. The JSON file is
+  opened in append mode: a resumed run continues it, so steps after the resumed checkpoint may
+  appear twice (the later line is the one the resumed run produced).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
+    self.workdir = os.fspath(workdir)
+    self.enabled = enabled
+    self._file = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
+    self._file = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
+    # Imported lazily: non-zero processes never pay for it, and it pulls in protobuf.
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(logdir=os.path.join(self.workdir, TENSORBOARD_DIR), flush_secs=30)
+
+  def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
+    """Records `metrics` (scalars: floats, ints, 0-d arrays) for `step`, names prefixed by `prefix`."""
+    if not self.enabled:
+      return
+    # float() also pulls 0-d device arrays to host; doing it once keeps both sinks identical.
+    values = {prefix + k: float(v) for k, v in metrics.items()}
+    # NaN/inf are written as JSON's common NaN/Infinity extension, which json.loads reads back;
+    # a diverged loss is worth recording rather than crashing on.
+    self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._file.flush()
+    for name, value in values.items():
+      self._tb.add_scalar(name, value, global_step=int(step))
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._file.flush()
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled and self._file is not None:
+      self._file.close()
+      self._tb.close()
+      self._file = None
+      self._tb = None
+      self.enabled = False
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc_info: Any) -> None:
+    self.close()
+
+
+def save_config(workdir: str | os.PathLike, config_dict: Mapping[str, Any]) -> str:
+  """Writes `<workdir>/config.json` (sorted keys, indented) atomically; returns its path.
+
+  Call it from process 0 only. The temporary file sits in the same directory so `os.replace` is a
+  rename on one filesystem, and readers never see a half-written config.
+  """
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+  fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_FILE}.", suffix=".tmp", dir=workdir)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+  """Parses `<workdir>/metrics.jsonl` into one dict per line, in file order ([] if absent).
+
+  A last line without its newline (the run was killed mid-write) is skipped; any other bad line is
+  an error.
+  """
+  path = os.path.join(os.fspath(workdir), METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  records = []
+  for number, line in enumerate(lines[:-1], start=1):
+    if line.strip():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
+  return records
+
+
+def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
+                    tokens_per_sec: float | None) -> str:
+  """`step 120/200  loss 3.214  ppl 24.9  tok/s 12,345  lr 3.0e-04`, omitting absent fields."""
+  parts = [f"step {step}/{total_steps}"]
+  if "loss" in metrics:
+    loss = float(metrics["loss"])
+    parts.append(f"loss {loss:.3f}")
+    # exp overflows past ~709; a loss that high is already divergence, so show inf.
+    parts.append(f"ppl {math.exp(loss) if loss < 700 else math.inf:.1f}")
+  if tokens_per_sec is not None:
+    parts.append(f"tok/s {tokens_per_sec:,.0f}")
+  if "lr" in metrics:
+    parts.append(f"lr {float(metrics['lr']):.1e}")
+  return "  ".join(parts)
+
+
+class ProgressLogger:
+  """Prints a progress line every `every` steps (and at `total_steps`).
+
+  Throughput counts tokens from the first `update` on, so the compile time of step 1 (which precedes
+  that call) does not drag down the first reading.
+  """
+
+  def __init__(self,
+               total_steps: int,
+               every: int = 50,
+               enabled: bool = True,
+               log_fn: Callable[[str], None] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> None:
+    if every < 1:
+      raise ValueError(f"ProgressLogger every must be >= 1, got {every}")
+    self.total_steps = total_steps
+    self.every = every
+    self.enabled = enabled
+    self._log = log_fn or (lambda line: print(line, flush=True))
+    self._clock = clock
+    self._last_time: float | None = None
+    self._tokens = 0
+
+  def update(self, step: int, metrics: Mapping[str, Any], tokens: int = 0) -> str | None:
+    """Call once per step with that step's `tokens`; returns the line when one was logged."""
+    now = self._clock()
+    if self._last_time is None:
+      self._last_time = now
+    else:
+      self._tokens += tokens
+    if not self.enabled or (step % self.every != 0 and step != self.total_steps):
+      return None
+    elapsed = now - self._last_time
+    rate = self._tokens / elapsed if elapsed > 0 and self._tokens else None
+    line = format_progress(step, self.total_steps, metrics, rate)
+    self._log(line)
+    self._last_time = now
+    self._tokens = 0
+    return line
