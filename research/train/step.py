@@ -1,0 +1,103 @@
+"""The train step `(state, batch) -> (state, metrics)`, built once for every stage.
+
+A stage supplies a loss function `(params, frozen, batch, rng) -> (numerator, denominator, aux)`:
+the loss is numerator / denominator summed over micro-batches, so gradient accumulation gives the
+same gradient as one big batch (token-weighted for LM losses, pair-weighted for rank losses).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from research.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+
+
+def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
+  """[B, ...] -> [micro_batches, B / micro_batches, ...]; micro-batch m holds rows m, m+M, m+2M, ...
+
+  Strided rather than contiguous, so that every device holds an equal share of every micro-batch
+  when the rows are sharded over the data axes.
+  """
+  def split(x):
+    if x.shape[0] % micro_batches:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {micro_batches} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // micro_batches, micro_batches, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: LossFn, params, frozen, batch: Batch, rng, micro_batches: int):
+  """Sum of numerators' gradients, numerators, denominators and aux over micro-batches (a scan)."""
+  grad_fn = jax.grad(lambda p, f, b, r: _with_sums(loss_fn, p, f, b, r), has_aux=True)
+  if micro_batches == 1:
+    grads, (num, den, aux) = grad_fn(params, frozen, batch, rng)
+    return grads, num, den, aux
+
+  micro = split_micro_batches(batch, micro_batches)
+
+  def body(carry, xs):
+    grads_acc, num_acc, den_acc, aux_acc = carry
+    mb, i = xs
+    grads, (num, den, aux) = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+    add = lambda a, b: a + b
+    return (jax.tree.map(add, grads_acc, grads), num_acc + num, den_acc + den,
+            jax.tree.map(add, aux_acc, aux)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  aux_shape = jax.eval_shape(lambda: _with_sums(loss_fn, params, frozen,
+                                                jax.tree.map(lambda x: x[0], micro), rng)[1][2])
+  aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+  init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), aux0)
+  (grads, num, den, aux), _ = jax.lax.scan(body, init, (micro, jnp.arange(micro_batches)))
+  aux = jax.tree.map(lambda a: a / micro_batches, aux)
+  return grads, num, den, aux
+
+
+def _with_sums(loss_fn: LossFn, params, frozen, batch, rng):
+  num, den, aux = loss_fn(params, frozen, batch, rng)
+  return num, (num, den, aux)
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    micro_batches: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  def train_step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    grads, num, den, aux = accumulate_gradients(loss_fn, state.params, state.frozen, batch, rng,
+                                                micro_batches)
+    den = jnp.maximum(den, 1.0)
+    grads = jax.tree.map(lambda g: g / den.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": num / den, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state.step), "loss_tokens": den, **aux}
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
+  def eval_step(state: TrainState, batch: Batch):
+    num, den, _ = loss_fn(state.params, state.frozen, batch, state.rng)
+    return num, den
+  return eval_step
+
+
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
+  """Explicit in/out shardings from the mesh and rules; the old state is donated."""
+  replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
+  replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(eval_fn, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(replicated, replicated))
