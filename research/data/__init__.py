@@ -1,0 +1,1 @@
+"""Pretraining data: corpus files -> byte-level BPE tokens -> packed rows -> resumable batches."""
