@@ -191,3 +191,24 @@ class Checkpointer:
     restored = self._manager.restore(
         step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
     return restored[_EXTRA]
+
+  def restore_fields(self, step: int | None, abstract_fields: dict[str, PyTree]) -> dict[str, PyTree]:
+    """Restores only some top-level fields of the saved state (e.g. `params` and `frozen`).
+
+    Used to take weights out of a run without building its optimizer state: nothing else is read.
+    Leaves of `abstract_fields` are `jax.ShapeDtypeStruct`s with `.sharding` set.
+    """
+    step = self._resolve_step(step)
+    abstract_fields = jax.tree.map(_as_abstract, abstract_fields)
+    _check_shardings(abstract_fields, self.directory)
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        abstract_fields)
+    path = os.path.join(self.directory, str(step), _STATE)
+    try:
+      return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+          item=abstract_fields, restore_args=restore_args, partial_restore=True))
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(
+          f"checkpoint {path} has no fields {sorted(abstract_fields)} of the expected shapes: {e}"
+      ) from e

@@ -1,0 +1,42 @@
+"""Config sections every stage shares (model, optimizer, mesh, train loop), as ml_collections data."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
+
+
+def model_config(**overrides) -> ConfigDict:
+  """Fields of research.models.config.ModelConfig; vocab_size 0 takes the tokenizer's size."""
+  c = ConfigDict(dict(
+      vocab_size=0, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
+      head_dim=placeholder(int), mlp_dim=688, rope_theta=10000.0, rms_norm_eps=1e-6,
+      attention_bias=False, tie_embeddings=False, max_position_embeddings=2048,
+      dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="none",
+      hf_architecture="llama"))
+  c.update(overrides)
+  return c
+
+
+def optimizer_config(**overrides) -> ConfigDict:
+  c = ConfigDict(dict(lr=3e-3, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1, b1=0.9,
+                      b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
+  c.update(overrides)
+  return c
+
+
+def mesh_config(**overrides) -> ConfigDict:
+  """Mesh axis sizes (-1 fills the remaining devices) and optional logical-axis rule overrides,
+  e.g. rules=(("embed", None), ("mlp", "tensor")) replaces those entries of the default rules."""
+  c = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=()))
+  c.update(overrides)
+  return c
+
+
+def train_config(**overrides) -> ConfigDict:
+  c = ConfigDict(dict(
+      steps=200, global_batch=8, micro_batches=1, log_every=10, eval_every=50,
+      eval_batch_size=8, max_eval_batches=8, checkpoint_every=100, keep_checkpoints=3,
+      async_checkpoints=True, sample_prompts=("",), sample_tokens=48))
+  c.update(overrides)
+  return c

@@ -1,0 +1,68 @@
+"""Pretraining configs. Use as `--config=configs/pretrain.py:<preset>`; override any field with
+`--config.<section>.<field>=value` (an unknown field is an error).
+
+Presets:
+  tiny   the README's embedded default: a small code model on the Python standard library's own
+         source (no download), a few minutes on 2 CPU cores.
+  test   a seconds-long smoke run for tests.
+  small  a larger CPU run (hidden 512, 8 layers, GQA).
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def base_config() -> ConfigDict:
+  return ConfigDict(dict(
+      stage="pretrain",
+      seed=0,
+      init="",  # an HF directory or a workdir whose weights start the run ('' = random init)
+      model=common.model_config(),
+      data=ConfigDict(dict(
+          corpus="",  # comma-separated files/dirs/globs; '' = the Python stdlib corpus
+          text_field="text",
+          stdlib_max_bytes=2_000_000,
+          tokenizer="",  # a local HF tokenizer dir; '' = train a byte-level BPE here
+          vocab_size=4096,  # of the tokenizer trained here
+          tokenizer_train_bytes=2_000_000,
+          seq_len=256,
+          eval_fraction=0.03,
+      )),
+      train=common.train_config(),
+      optimizer=common.optimizer_config(),
+      mesh=common.mesh_config(),
+  ))
+
+
+def _tiny(c: ConfigDict) -> None:
+  c.train.update(steps=300, global_batch=8, eval_every=50, log_every=25, checkpoint_every=100,
+                 sample_prompts=("def ", "import os\n\nclass "), sample_tokens=48)
+
+
+def _test(c: ConfigDict) -> None:
+  c.model.update(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
+  c.data.update(stdlib_max_bytes=300_000, vocab_size=512, tokenizer_train_bytes=300_000,
+                seq_len=64, eval_fraction=0.05)
+  c.train.update(steps=40, global_batch=8, eval_every=20, log_every=10, checkpoint_every=20,
+                 max_eval_batches=2, sample_prompts=("def ",), sample_tokens=8)
+  c.optimizer.update(lr=3e-3, warmup_steps=5)
+
+
+def _small(c: ConfigDict) -> None:
+  c.model.update(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, mlp_dim=1376)
+  c.data.update(vocab_size=8192, stdlib_max_bytes=8_000_000, seq_len=512)
+  c.train.update(steps=1000, global_batch=8, eval_every=100, checkpoint_every=250)
+  c.optimizer.update(lr=1e-3, warmup_steps=50)
+
+
+PRESETS = {"tiny": _tiny, "test": _test, "small": _small}
+
+
+def get_config(preset: str = "tiny") -> ConfigDict:
+  c = base_config()
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r} for configs/pretrain.py; choose one of "
+                     f"{sorted(PRESETS)}")
+  PRESETS[preset](c)
+  return c

@@ -1,0 +1,33 @@
+"""Flags every entry point shares, and the wrapper that turns user errors into one clear line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, samples.")
+flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
+flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host run.")
+
+
+def run_main(stage_run: Callable, config) -> int:
+  """Initialises jax.distributed when asked, runs the stage, prints user errors without traceback."""
+  from research.errors import UserError  # pylint: disable=import-outside-toplevel
+  from research.parallel.distributed import maybe_initialize  # pylint: disable=import-outside-toplevel
+  if not FLAGS.workdir:
+    print("error: --workdir is required (the run directory to write into)", file=sys.stderr)
+    return 2
+  try:
+    maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    stage_run(config, os.path.abspath(FLAGS.workdir), resume=FLAGS.resume)
+  except UserError as e:
+    logging.flush()
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

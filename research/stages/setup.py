@@ -1,0 +1,118 @@
+"""Pieces every stage wires the same way: mesh and rules from config, the model config, the
+starting weights (random, a workdir or a Hugging Face directory), resume checks, and the loop."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from research.errors import ConfigError, UserError
+from research.models.config import ModelConfig
+from research.parallel.mesh import make_mesh
+from research.parallel.rules import DEFAULT_RULES, Rules
+from research.train import workdir as wd
+from research.train.checkpoints import Checkpointer
+from research.train.metrics import MetricsWriter, ProgressLogger, save_config
+from research.train.state import TrainState, init_state, state_from_params
+from research.train.loop import LoopHooks, train_loop
+
+
+def rules_from(config: ConfigDict) -> Rules:
+  """Default rules with `mesh.rules` entries replacing those of the same logical name."""
+  overrides = {name: axes for name, axes in (config.mesh.get("rules") or ())}
+  table = dict(DEFAULT_RULES)
+  unknown = sorted(set(overrides) - set(table))
+  if unknown:
+    raise ConfigError(f"mesh.rules names unknown logical axes {unknown}; known: {sorted(table)}")
+  table.update(overrides)
+  return tuple(table.items())
+
+
+def mesh_from(config: ConfigDict) -> Mesh:
+  return make_mesh({k: config.mesh[k] for k in ("data", "fsdp", "tensor")})
+
+
+def model_config_from(section: ConfigDict, vocab_size: int | None = None,
+                      tokenizer: Any = None) -> ModelConfig:
+  """ModelConfig from the `model` config section; vocab_size 0 takes the tokenizer's size."""
+  fields = section.to_dict()
+  if not fields.get("vocab_size"):
+    if vocab_size is None:
+      raise ConfigError("model.vocab_size is 0 (take it from the tokenizer) but no tokenizer is "
+                        "known; set --config.model.vocab_size")
+    fields["vocab_size"] = vocab_size
+  if tokenizer is not None:
+    fields.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.bos_token_id)
+    if len(tokenizer) > fields["vocab_size"]:
+      raise ConfigError(f"model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's "
+                        f"{len(tokenizer)} tokens; raise it or set it to 0 to follow the tokenizer")
+  return ModelConfig.from_dict(fields)
+
+
+def check_workdir(workdir: str, resume: bool) -> Checkpointer | None:
+  """Refuses to train over an existing run unless resuming: nothing written is ever clobbered."""
+  ckpt_dir = wd.checkpoint_dir(workdir)
+  if not resume and os.path.isdir(ckpt_dir) and any(
+      name.isdigit() for name in os.listdir(ckpt_dir)):
+    raise UserError(f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
+                    "choose a new --workdir")
+  return None
+
+
+def load_init_weights(init: str, mesh: Mesh, rules: Rules) -> tuple[ModelConfig, Any, str | None]:
+  """(model config, params on `mesh`, tokenizer dir) from a workdir or a Hugging Face directory."""
+  if not os.path.isdir(init):
+    raise ConfigError(f"init={init!r} is not a directory: give a workdir of this project or a "
+                      "Hugging Face model directory")
+  if wd.is_workdir(init):
+    cfg, params, tok_dir, _ = wd.load_model(init, mesh=mesh, rules=rules)
+    return cfg, params, tok_dir
+  # Imported here: the interop package pulls in safetensors/transformers only when needed.
+  from research.interop import hf_config, hf_import  # pylint: disable=import-outside-toplevel
+  config_path = os.path.join(init, "config.json")
+  if not os.path.isfile(config_path):
+    raise ConfigError(f"init={init!r} is neither a workdir ({wd.MODEL_CONFIG}) nor a Hugging Face "
+                      "directory (config.json)")
+  with open(config_path) as f:
+    cfg = hf_config.model_config_from_hf(json.load(f))
+  _, shardings = wd.param_shardings(cfg, mesh, rules)
+  cfg, params = hf_import.load_hf_checkpoint(init, shardings=shardings)
+  return cfg, params, init
+
+
+def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: TrainState,
+                shardings: TrainState, init_fn, tx, init_params: Callable[[], tuple[Any, Any]] | None,
+                checkpointer: Checkpointer) -> tuple[TrainState, int, dict]:
+  """(state, step, checkpoint extra): resumed, built around given weights, or freshly initialised."""
+  if resume and checkpointer.latest_step() is not None:
+    state, extra = checkpointer.restore(None, abstract)
+    return state, int(jax.device_get(state.step)), extra
+  if init_params is not None:
+    params, frozen = init_params()
+    return state_from_params(params, frozen, tx, shardings, config.seed), 0, {}
+  return init_state(init_fn, tx, shardings, config.seed), 0, {}
+
+
+def run_loop(*, config: ConfigDict, workdir: str, state: TrainState, start_step: int,
+             hooks: LoopHooks, checkpointer: Checkpointer) -> TrainState:
+  is_main = jax.process_index() == 0
+  writer = MetricsWriter(workdir, enabled=is_main)
+  progress = ProgressLogger(config.train.steps, every=config.train.log_every, enabled=is_main)
+  try:
+    return train_loop(state, hooks, start_step=start_step, total_steps=config.train.steps,
+                      writer=writer, progress=progress, checkpointer=checkpointer,
+                      checkpoint_every=config.train.checkpoint_every,
+                      eval_every=config.train.eval_every)
+  finally:
+    writer.close()
+
+
+def save_run_config(workdir: str, config: ConfigDict) -> None:
+  if jax.process_index() == 0:
+    save_config(workdir, config.to_dict())

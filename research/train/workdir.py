@@ -1,0 +1,108 @@
+"""The run directory layout, and loading a run's model (config, weights, tokenizer) out of it.
+
+<workdir>/config.json          resolved run config
+<workdir>/model_config.json    research.models.config.ModelConfig
+<workdir>/tokenizer/           Hugging Face tokenizer files
+<workdir>/checkpoints/<step>/  orbax checkpoints (state + JSON extra)
+<workdir>/metrics.jsonl, tensorboard/, samples.txt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from research.errors import CheckpointError
+from research.models.config import ModelConfig
+from research.models.decoder import Decoder
+from research.parallel.mesh import make_mesh
+from research.parallel.rules import DEFAULT_RULES, Rules, logical_axes_of, shardings_for
+from research.train.checkpoints import Checkpointer
+
+MODEL_CONFIG = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def tokenizer_dir(workdir: str) -> str | None:
+  path = os.path.join(workdir, TOKENIZER_DIR)
+  return path if os.path.isdir(path) else None
+
+
+def is_workdir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, MODEL_CONFIG))
+
+
+def write_model_files(workdir: str, cfg: ModelConfig, tokenizer: Any = None) -> None:
+  """Model config (and tokenizer) beside the checkpoints; written by process 0 only, atomically."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, MODEL_CONFIG + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(workdir, MODEL_CONFIG))
+  if tokenizer is not None and not os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
+    tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
+
+
+def read_model_config(workdir: str) -> ModelConfig:
+  path = os.path.join(workdir, MODEL_CONFIG)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{workdir} is not a run directory: {MODEL_CONFIG} is missing. Point to "
+                          "a workdir written by experiments.* or scripts/convert.py from-hf")
+  with open(path) as f:
+    return ModelConfig.from_dict(json.load(f))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """(abstract params with shardings, shardings) of a decoder, from shapes only."""
+  boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
+                                                   jnp.zeros((1, 8), jnp.int32))["params"])
+  shapes = nn.meta.unbox(boxed)
+  shardings = shardings_for(shapes, logical_axes_of(boxed), mesh, rules)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def load_model(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+               rules: Rules = DEFAULT_RULES) -> tuple[ModelConfig, Any, str | None, dict]:
+  """(model config, decoder params placed on `mesh`, tokenizer dir or None, checkpoint extra)."""
+  cfg = read_model_config(workdir)
+  if mesh is None:
+    mesh = make_mesh({"data": -1})
+  abstract, _ = param_shardings(cfg, mesh, rules)
+  ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=1_000_000, async_save=False)
+  try:
+    extra = ckpt.restore_extra(step)
+    params = ckpt.restore_fields(step, {"params": abstract})["params"]
+  finally:
+    ckpt.close()
+  return cfg, params, tokenizer_dir(workdir), extra
+
+
+def write_initial_checkpoint(workdir: str, cfg: ModelConfig, params: Any,
+                             tokenizer: Any = None, extra: dict | None = None) -> None:
+  """A step-0 checkpoint holding only weights (e.g. imported from Hugging Face), usable as `init`."""
+  write_model_files(workdir, cfg, tokenizer)
+  ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=1, async_save=False)
+  try:
+    if ckpt.latest_step() is not None:
+      raise CheckpointError(f"{checkpoint_dir(workdir)} already holds checkpoints; choose an empty "
+                            "workdir")
+    state = {"step": jnp.zeros((), jnp.int32), "params": params}
+    ckpt.save(0, state, {"model_config": cfg.to_dict(), **(extra or {})}, force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
