@@ -218,6 +218,10 @@ def test_tokenizer_is_exported_and_checked_against_vocab(hf_dirs, tmp_path):
   _word_tokenizer(VOCAB - 6).save_pretrained(tok_dir)
   out = export_hf(params, cfg, tmp_path / "with_tok", tokenizer=tok_dir)
   assert len(transformers.AutoTokenizer.from_pretrained(out)) == VOCAB - 6
+  for name in ("tokenizer.json", "tokenizer_config.json"):  # copied verbatim
+    assert (out / name).read_bytes() == (tok_dir / name).read_bytes()
+  out = export_hf(params, cfg, tmp_path / "tok_obj", tokenizer=_word_tokenizer(VOCAB - 6))
+  assert len(transformers.AutoTokenizer.from_pretrained(out)) == VOCAB - 6
   load_hf_checkpoint(out)  # a smaller tokenizer is fine (padded vocab)
 
   big = tmp_path / "big_tok"
@@ -341,3 +345,21 @@ def test_import_with_shardings_places_each_leaf(hf_dirs):
   jax.tree.map(check, params, shardings, ref)
   with pytest.raises(ConfigError, match="embed/embedding"):
     load_hf_checkpoint(hf_dirs["qwen2"], shardings={"layers": shardings["layers"]})
+
+
+def test_convert_script_round_trip(hf_dirs, tmp_path, capsys):
+  convert = pytest.importorskip("scripts.convert")
+  src = tmp_path / "src"
+  shutil.copytree(hf_dirs["qwen2"], src)
+  _word_tokenizer(VOCAB - 6).save_pretrained(src)
+  workdir, out = tmp_path / "run", tmp_path / "out"
+  assert convert.main(["from-hf", str(src), str(workdir)]) == 0
+  assert convert.main(["to-hf", str(workdir), str(out), "--max-shard-bytes", "30000"]) == 0
+  assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2"
+  a, b = read_safetensors_dir(src), read_safetensors_dir(out)
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[n], b[n]) for n in a)
+  # What AutoTokenizer makes of the files depends on config.json's model_type too: compare that.
+  assert (len(transformers.AutoTokenizer.from_pretrained(out)) ==
+          len(transformers.AutoTokenizer.from_pretrained(src)))
+  assert convert.main(["to-hf", str(workdir), str(out)]) == 2
+  assert "already exists" in capsys.readouterr().err

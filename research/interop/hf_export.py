@@ -106,16 +106,34 @@ def _write_weights(tmp: pathlib.Path, sources: list, max_shard_bytes: int) -> No
   (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+_NOT_TOKENIZER = ("config.json", "generation_config.json", INDEX_NAME)
+
+
 def _save_tokenizer(tokenizer: Any, tmp: pathlib.Path, cfg: ModelConfig) -> None:
+  """A tokenizer object is saved; a directory's tokenizer files are copied verbatim.
+
+  Copying keeps the files exactly as trained (a load + save can rewrite tokenizer_config.json);
+  the loaded tokenizer is used only to check its size against the vocab.
+  """
+  src = None
   if isinstance(tokenizer, (str, os.PathLike)):
+    src = pathlib.Path(tokenizer)
+    if not src.is_dir():
+      raise CheckpointError(f"tokenizer dir {src} does not exist")
     from transformers import AutoTokenizer  # slow import; only when asked for
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
   if len(tokenizer) > cfg.vocab_size:
     raise CheckpointError(
         f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size={cfg.vocab_size}; "
         f"export the tokenizer the model was trained with")
-  tokenizer.save_pretrained(str(tmp))
+  if src is None:
+    tokenizer.save_pretrained(str(tmp))
+    return
+  for path in sorted(src.iterdir()):
+    weights = path.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+    if path.is_file() and not weights and path.name not in _NOT_TOKENIZER:
+      shutil.copy2(path, tmp / path.name)
 
 
 def _install(tmp: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import pathlib
 import re
 from typing import Any, Iterator, Mapping
@@ -22,8 +21,6 @@ from safetensors import safe_open
 from research.errors import CheckpointError, ConfigError
 from research.interop.hf_config import model_config_from_hf
 from research.models.config import ModelConfig
-
-log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 WEIGHTS_NAME = "model.safetensors"

@@ -1,0 +1,91 @@
+"""Convert between run directories and Hugging Face checkpoints (safetensors only).
+
+  python -m scripts.convert to-hf WORKDIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
+                                  [--architecture llama|qwen2|mistral] [--max-shard-bytes B]
+  python -m scripts.convert from-hf HF_DIR WORKDIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from research.errors import UserError
+
+
+def to_hf(args: argparse.Namespace) -> None:
+  from research.interop.hf_export import export_hf
+  from research.train.workdir import load_model
+
+  cfg, params, tokenizer_dir, _ = load_model(args.workdir, step=args.step)
+  out = export_hf(params, cfg, args.out_dir, architecture=args.architecture, dtype=args.dtype,
+                  tokenizer=tokenizer_dir, max_shard_bytes=args.max_shard_bytes,
+                  overwrite=args.overwrite)
+  with open(os.path.join(out, "config.json")) as f:
+    arch = json.load(f)["model_type"]
+  step = "latest" if args.step is None else args.step
+  print(f"wrote {out} ({arch}, {args.dtype}) from {args.workdir} step {step}")
+
+
+def from_hf(args: argparse.Namespace) -> None:
+  from research.errors import CheckpointError
+  from research.interop.hf_config import model_config_from_hf
+  from research.interop.hf_import import load_hf_checkpoint
+  from research.parallel.mesh import make_mesh
+  from research.train.workdir import param_shardings, write_initial_checkpoint
+
+  config_path = os.path.join(args.hf_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"{config_path} not found: {args.hf_dir} is not a Hugging Face model dir")
+  with open(config_path) as f:
+    cfg = model_config_from_hf(json.load(f))
+  # FSDP over every device, so that a model larger than one device's memory still loads.
+  _, shardings = param_shardings(cfg, make_mesh({"fsdp": -1}))
+  cfg, params = load_hf_checkpoint(args.hf_dir, shardings=shardings)
+  tokenizer = None
+  if any(os.path.isfile(os.path.join(args.hf_dir, name))
+         for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.hf_dir)
+  write_initial_checkpoint(args.workdir, cfg, params, tokenizer=tokenizer,
+                           extra={"hf_source": os.path.abspath(args.hf_dir)})
+  print(f"wrote {args.workdir} (step 0, {cfg.hf_architecture}, {cfg.num_params():,} params) from "
+        f"{args.hf_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="scripts.convert", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("to-hf", help="run directory checkpoint -> Hugging Face dir")
+  p.add_argument("workdir")
+  p.add_argument("out_dir")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral"),
+                 help="default: the one the model was imported from, else llama")
+  p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9)
+  p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+  p.set_defaults(func=to_hf)
+  p = sub.add_parser("from-hf", help="Hugging Face dir -> new run directory (step-0 checkpoint)")
+  p.add_argument("hf_dir")
+  p.add_argument("workdir")
+  p.set_defaults(func=from_hf)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    args.func(args)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
