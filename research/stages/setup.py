@@ -108,7 +108,8 @@ def run_loop(*, config: ConfigDict, workdir: str, state: TrainState, start_step:
     return train_loop(state, hooks, start_step=start_step, total_steps=config.train.steps,
                       writer=writer, progress=progress, checkpointer=checkpointer,
                       checkpoint_every=config.train.checkpoint_every,
-                      eval_every=config.train.eval_every)
+                      eval_every=config.train.eval_every,
+                      stop_at_step=config.train.get("stop_at_step", 0))
   finally:
     writer.close()
 

@@ -25,8 +25,12 @@ class LoopHooks:
 
 def train_loop(state: Any, hooks: LoopHooks, *, start_step: int, total_steps: int,
                writer: MetricsWriter, progress: ProgressLogger, checkpointer: Checkpointer | None,
-               checkpoint_every: int, eval_every: int) -> Any:
+               checkpoint_every: int, eval_every: int, stop_at_step: int = 0) -> Any:
   """Runs steps `start_step+1 .. total_steps` and returns the final state.
+
+  `stop_at_step` ends the run early (with a checkpoint) as a pre-emption would, without changing
+  the schedule: a later `--resume` continues to `total_steps`. A fresh run is evaluated at step 0
+  too, so eval curves start from the initial weights.
 
   After dispatching step k the loop fetches step k-1's metrics, so at most two steps are in flight:
   enough to overlap host work with device work, few enough that sharded CPU programs never pile up
@@ -51,21 +55,28 @@ def train_loop(state: Any, hooks: LoopHooks, *, start_step: int, total_steps: in
     if hooks.on_log:
       hooks.on_log(step, metrics)
 
-  for step in range(start_step + 1, total_steps + 1):
+  def run_eval(step):
+    nonlocal last_time
+    eval_metrics = hooks.evaluate(state)
+    writer.write(step, eval_metrics)
+    progress._log(f"step {step}/{total_steps}  " + "  ".join(  # pylint: disable=protected-access
+        f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+    last_time = time.perf_counter()  # eval time is not step time
+
+  if hooks.evaluate and eval_every and start_step == 0:
+    run_eval(0)
+  last_step = min(total_steps, stop_at_step) if stop_at_step else total_steps
+  for step in range(start_step + 1, last_step + 1):
     batch = hooks.next_batch()
     state, metrics = hooks.train_step(state, batch)
     if pending is not None:
       finish(pending)
     pending = (step, metrics, time.perf_counter())
-    at_end = step == total_steps
-    if hooks.evaluate and eval_every and (step % eval_every == 0 or at_end):
+    at_end = step == last_step
+    if hooks.evaluate and eval_every and (step % eval_every == 0 or step == total_steps):
       finish(pending)
       pending = None
-      eval_metrics = hooks.evaluate(state)
-      writer.write(step, eval_metrics)
-      progress._log(f"step {step}/{total_steps}  " + "  ".join(  # pylint: disable=protected-access
-          f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-      last_time = time.perf_counter()  # eval time is not step time
+      run_eval(step)
     if checkpointer is not None and (at_end or (checkpoint_every and step % checkpoint_every == 0)):
       if pending is not None:
         finish(pending)

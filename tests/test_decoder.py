@@ -1,0 +1,77 @@
+"""Decoder properties: scanned == unrolled, packed rows == documents alone, per-segment positions."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.models.config import ModelConfig
+from research.models.decoder import Decoder, default_positions, stack_layers, unstack_layers
+
+CFG = ModelConfig(vocab_size=97, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
+                  mlp_dim=96, rope_theta=5000.0)
+
+
+def _params(cfg):
+  return nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_and_unrolled_layers_give_same_logits(remat):
+  cfg = CFG.replace(remat_policy=remat)
+  params = _params(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg.vocab_size)
+  scanned, _ = Decoder(cfg).apply({"params": params}, tokens)
+  unrolled_params = unstack_layers(params, cfg.num_layers)
+  unrolled, _ = Decoder(cfg.replace(scan_layers=False)).apply({"params": unrolled_params}, tokens)
+  np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
+  restacked = stack_layers(unrolled_params, cfg.num_layers)
+  jax.tree.map(np.testing.assert_array_equal, restacked, params)
+
+
+def test_packed_row_matches_each_document_alone():
+  params = _params(CFG)
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(0, CFG.vocab_size, n) for n in (5, 7, 4)]
+  tokens = np.concatenate(docs + [np.zeros(2, np.int64)])[None].astype(np.int32)
+  segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)]
+                            + [np.zeros(2, np.int64)])[None].astype(np.int32)
+  positions = default_positions(jnp.asarray(segments))
+  assert positions[0, :5].tolist() == list(range(5)) and positions[0, 5:12].tolist() == list(range(7))
+  packed, _ = Decoder(CFG).apply({"params": params}, tokens, segments, positions)
+  start = 0
+  for doc in docs:
+    alone, _ = Decoder(CFG).apply({"params": params}, jnp.asarray(doc[None], jnp.int32))
+    np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=2e-5, rtol=1e-5)
+    start += len(doc)
+
+
+def test_left_padding_does_not_change_real_tokens():
+  params = _params(CFG)
+  doc = jnp.asarray([[5, 9, 11, 3, 7]], jnp.int32)
+  alone, _ = Decoder(CFG).apply({"params": params}, doc)
+  padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), doc], axis=1)
+  segments = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]], jnp.int32)
+  out, _ = Decoder(CFG).apply({"params": params}, padded, segments)
+  np.testing.assert_allclose(out[:, 3:], alone, atol=2e-5, rtol=1e-5)
+
+
+def test_every_param_has_logical_axes_and_param_count_matches():
+  boxed = Decoder(CFG.replace(attention_bias=True)).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 4), jnp.int32))["params"]
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+  names = {n for x in leaves for n in x.names}
+  assert {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers"} <= names
+  total = sum(x.value.size for x in leaves)
+  assert total == CFG.replace(attention_bias=True).num_params()
+
+
+def test_tied_embeddings_have_no_lm_head_and_head_dim_is_independent():
+  cfg = CFG.replace(tie_embeddings=True, head_dim=10)
+  params = _params(cfg)
+  assert "lm_head" not in params
+  assert params["layers"]["attn"]["q"]["kernel"].shape == (3, 48, 4, 10)
+  logits, hidden = Decoder(cfg).apply({"params": params}, jnp.ones((1, 4), jnp.int32))
+  np.testing.assert_allclose(logits, hidden @ params["embed"]["embedding"].T, atol=1e-5)
