@@ -16,6 +16,24 @@ flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host run.")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing where a bad `--config.x=y` (unknown key, wrong type) is one line, no traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+    if "Traceback" in message:  # config_flags embeds the config file's traceback: keep its cause
+      head = message.split("\n", 1)[0]
+      message = f"{head} {message.strip().splitlines()[-1]}"
+    print(f"error: {message}\nPass --helpfull to list the flags.", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for `--config.unknown_key=...` or an unparsable value.
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    message = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    print(f"error: bad config override among {overrides}: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run_main(stage_run: Callable, config) -> int:
   """Initialises jax.distributed when asked, runs the stage, prints user errors without traceback."""
   from research.errors import UserError  # pylint: disable=import-outside-toplevel
