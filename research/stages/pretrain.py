@@ -101,7 +101,10 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
                      batch_shard_count(mesh, rules))
 
   init_cfg = init_params = init_tok = None
-  if config.init and not (resume and wd.tokenizer_dir(workdir)):
+  resuming = resume and wd.is_workdir(workdir)
+  if resuming:  # the run's own model config, whatever `init` or `model.*` say now
+    init_cfg = wd.read_model_config(workdir)
+  elif config.init:
     init_cfg, init_params, init_tok = setup.load_init_weights(config.init, mesh, rules)
   texts = corpus_texts(config, workdir)
   tokenizer = prepare_tokenizer(config, workdir, texts, init_tok)

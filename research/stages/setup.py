@@ -55,14 +55,13 @@ def model_config_from(section: ConfigDict, vocab_size: int | None = None,
   return ModelConfig.from_dict(fields)
 
 
-def check_workdir(workdir: str, resume: bool) -> Checkpointer | None:
+def check_workdir(workdir: str, resume: bool) -> None:
   """Refuses to train over an existing run unless resuming: nothing written is ever clobbered."""
   ckpt_dir = wd.checkpoint_dir(workdir)
   if not resume and os.path.isdir(ckpt_dir) and any(
       name.isdigit() for name in os.listdir(ckpt_dir)):
     raise UserError(f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
                     "choose a new --workdir")
-  return None
 
 
 def load_init_weights(init: str, mesh: Mesh, rules: Rules) -> tuple[ModelConfig, Any, str | None]:
