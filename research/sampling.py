@@ -1,7 +1,12 @@
-"""Greedy decoding in one compiled loop (each step re-runs the causal forward over a fixed buffer)."""
+"""Batched decoding with a preallocated KV cache in one compiled loop (no host round trip per token).
+
+Greedy, temperature, top-k and top-p sampling; a set of stop tokens, each row stopping on its own;
+left-padded prompts of different lengths.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -10,52 +15,118 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models.config import ModelConfig
-from research.models.decoder import Decoder
+from research.models.decoder import Decoder, default_positions, init_cache
+from research.models.peft import NO_PEFT, PeftConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 32
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+  stop_tokens: tuple[int, ...] = ()
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens [B, P], segment_ids [B, P]) with prompts right-aligned; segment 0 marks padding."""
-  width = max(len(p) for p in prompts)
+  width = max(1, max(len(p) for p in prompts))
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   segments = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, width - len(p):] = p
-    segments[i, width - len(p):] = 1
+    if len(p):
+      tokens[i, width - len(p):] = p
+      segments[i, width - len(p):] = 1
   return tokens, segments
 
 
-def greedy_generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
-                    max_new_tokens: int, pad_id: int, eos_id: int | None = None) -> list[list[int]]:
-  """Greedy continuations of left-padded prompts; each row stops at its own EOS."""
-  tokens_bp, segments_bp = left_pad(prompts, pad_id)
-  out = _greedy(params, cfg, jnp.asarray(tokens_bp), jnp.asarray(segments_bp), max_new_tokens,
-                -1 if eos_id is None else eos_id)
-  results = []
-  for row in np.asarray(out):
-    row = row.tolist()
-    if eos_id is not None and eos_id in row:
-      row = row[:row.index(eos_id) + 1]
-    results.append(row)
-  return results
+def filter_logits(logits_bv: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """Temperature, then top-k, then top-p (nucleus) masking; masked entries become -inf."""
+  logits_bv = logits_bv.astype(jnp.float32) / temperature
+  if top_k:
+    kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+    logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+  if top_p < 1.0:
+    sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+    probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    # Keep a token while the mass before it is below top_p (so the top token always stays).
+    before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+    cutoff_b1 = jnp.min(jnp.where(before_bv < top_p, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+    logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+  return logits_bv
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4, 5))
-def _greedy(params, cfg: ModelConfig, tokens_bp, segments_bp, max_new_tokens: int, eos_id):
-  model = Decoder(cfg)
+def _choose(logits_bv, rng, s: SamplingConfig):
+  if s.temperature == 0.0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  filtered = filter_logits(logits_bv, s.temperature, s.top_k, s.top_p)
+  return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "peft", "sampling", "pad_id"))
+def generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, rng: jax.Array, *,
+                    cfg: ModelConfig, sampling: SamplingConfig, pad_id: int,
+                    peft: PeftConfig = NO_PEFT) -> tuple[jax.Array, jax.Array]:
+  """(new tokens [B, N], lengths [B]): after a row's stop token it emits `pad_id`.
+
+  The length counts tokens up to and including the first stop token.
+  """
+  model = Decoder(cfg, peft)
   b, p = tokens_bp.shape
-  total = p + max_new_tokens
-  tokens_bt = jnp.concatenate([tokens_bp, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
-  # Generated slots belong to the prompt's segment; future slots are invisible through causality.
-  segments_bt = jnp.concatenate([segments_bp, jnp.ones((b, max_new_tokens), jnp.int32)], axis=1)
+  n = sampling.max_new_tokens
+  virtual = peft.num_virtual_tokens if peft.method == "prompt" else 0
+  cache = init_cache(cfg, b, virtual + p + n)
+  positions_bp = default_positions(segments_bp)
+  logits_btv, _, cache = model.apply({"params": params}, tokens_bp, segments_bp, positions_bp,
+                                     cache=cache, prefill=True)
+  stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
 
-  def body(i, carry):
-    tokens_bt, done_b = carry
-    logits_btv, _ = model.apply({"params": params}, tokens_bt, segments_bt)
-    cur = p + i
-    next_b = jnp.argmax(logits_btv[:, cur - 1].astype(jnp.float32), axis=-1).astype(jnp.int32)
-    next_b = jnp.where(done_b, eos_id if eos_id >= 0 else 0, next_b)
-    tokens_bt = jax.lax.dynamic_update_slice(tokens_bt, next_b[:, None], (0, cur))
-    return tokens_bt, done_b | (next_b == eos_id)
+  def emit(state, logits_bv, rng):
+    out_bn, done_b, length_b, i = state
+    tok_b = _choose(logits_bv, rng, sampling)
+    tok_b = jnp.where(done_b, pad_id, tok_b)
+    out_bn = jax.lax.dynamic_update_slice(out_bn, tok_b[:, None], (0, i))
+    length_b = length_b + (~done_b).astype(jnp.int32)
+    done_b = done_b | jnp.isin(tok_b, stops)
+    return (out_bn, done_b, length_b, i + 1), tok_b
 
-  tokens_bt, _ = jax.lax.fori_loop(0, max_new_tokens, body, (tokens_bt, jnp.zeros((b,), bool)))
-  return tokens_bt[:, p:total]
+  state = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
+           jnp.int32(0))
+  state, tok_b = emit(state, logits_btv[:, -1], jax.random.fold_in(rng, 0))
+  pos_b = positions_bp[:, -1] + 1  # the model shifts real positions past virtual tokens itself
+
+  def cond(carry):
+    (_, done_b, _, i), _, _, _ = carry
+    return (i < n) & ~jnp.all(done_b)
+
+  def body(carry):
+    state, tok_b, pos_b, cache = carry
+    logits_b1v, _, cache = model.apply(
+        {"params": params}, tok_b[:, None], jnp.ones((b, 1), jnp.int32),
+        (pos_b + virtual)[:, None], cache=cache, prefill=False)
+    state, tok_b = emit(state, logits_b1v[:, 0], jax.random.fold_in(rng, state[3]))
+    return state, tok_b, pos_b + 1, cache
+
+  state, _, _, _ = jax.lax.while_loop(cond, body, (state, tok_b, pos_b, cache))
+  return state[0], state[2]
+
+
+def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+             sampling: SamplingConfig, pad_id: int, rng: jax.Array | None = None,
+             peft: PeftConfig = NO_PEFT) -> list[list[int]]:
+  """Continuations of `prompts` (lists of ids), each cut after its first stop token."""
+  tokens_bp, segments_bp = left_pad(prompts, pad_id)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  out_bn, lengths_b = generate_tokens(params, jnp.asarray(tokens_bp), jnp.asarray(segments_bp),
+                                      rng, cfg=cfg, sampling=sampling, pad_id=pad_id, peft=peft)
+  out_bn, lengths_b = np.asarray(out_bn), np.asarray(lengths_b)
+  return [row[:n].tolist() for row, n in zip(out_bn, lengths_b)]
+
+
+def greedy_generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+                    max_new_tokens: int, pad_id: int, eos_id: int | None = None,
+                    peft: PeftConfig = NO_PEFT) -> list[list[int]]:
+  """Greedy continuations; each row stops at its own EOS (kept in the output)."""
+  sampling = SamplingConfig(max_new_tokens=max_new_tokens,
+                            stop_tokens=() if eos_id is None else (eos_id,))
+  return generate(params, cfg, prompts, sampling, pad_id, peft=peft)

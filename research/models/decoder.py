@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from research.models.config import ModelConfig
 from research.models.layers import DecoderBlock, RMSNorm, logical, param_init
+from research.models.peft import NO_PEFT, PeftConfig
 
 Params = dict[str, Any]
 
@@ -40,7 +41,14 @@ def default_positions(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 class Decoder(nn.Module):
+  """The decoder, optionally with a PEFT method composed on (`peft`) and dropout on (`deterministic`).
+
+  With `cache` (see `init_cache`) it runs incrementally: the tokens given fill the cache's next
+  slots and attend to everything before them; it then returns `(logits, hidden, new_cache)`.
+  """
   config: ModelConfig
+  peft: PeftConfig = NO_PEFT
+  deterministic: bool = True
 
   def _block(self):
     cfg = self.config
@@ -52,8 +60,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_bt, segment_ids_bt=None, positions_bt=None, *,
-               compute_logits: bool = True):
-    cfg = self.config
+               compute_logits: bool = True, cache: dict | None = None, prefill: bool = True):
+    cfg, peft = self.config, self.peft
     if segment_ids_bt is None:
       segment_ids_bt = jnp.ones_like(tokens_bt, dtype=jnp.int32)
     if positions_bt is None:
@@ -62,27 +70,74 @@ class Decoder(nn.Module):
                      param_dtype=cfg.weight_dtype, name="embed",
                      embedding_init=logical(param_init(cfg), ("vocab", "embed")))
     x_bte = embed(tokens_bt)
+    n_virtual = peft.num_virtual_tokens if peft.method == "prompt" and prefill else 0
+    if n_virtual:
+      x_bte, segment_ids_bt, positions_bt = self._prepend_soft_prompt(
+          x_bte, segment_ids_bt, positions_bt, n_virtual)
+
+    key_segments_bs = cache_index = layers_kv = None
+    if cache is not None:
+      cache_index = cache["index"]
+      key_segments_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bt,
+                                                     (0, cache_index))
+      layers_kv = (cache["k"], cache["v"])
     block = self._block()
     if cfg.scan_layers:
-      x_bte, _ = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")(x_bte, segment_ids_bt, positions_bt)
+      x_bte, new_kv = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, peft, self.deterministic, name="layers")(
+          x_bte, segment_ids_bt, positions_bt, layers_kv, key_segments_bs, cache_index)
     else:
+      new_kv_list = []
       for i in range(cfg.num_layers):
-        x_bte, _ = block(cfg, name=f"layers_{i}")(x_bte, segment_ids_bt, positions_bt)
+        layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
+        x_bte, kv = block(cfg, peft, self.deterministic, name=f"layers_{i}")(
+            x_bte, segment_ids_bt, positions_bt, layer_kv, key_segments_bs, cache_index)
+        new_kv_list.append(kv)
+      new_kv = None if layers_kv is None else jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                             *new_kv_list)
     hidden_bte = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype,
                          name="final_norm")(x_bte)
-    if not compute_logits:
-      return None, hidden_bte
-    if cfg.tie_embeddings:
-      logits_btv = embed.attend(hidden_bte)
-    else:
-      logits_btv = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.weight_dtype, name="lm_head",
-                            kernel_init=logical(param_init(cfg), ("embed", "vocab")))(hidden_bte)
-    return logits_btv, hidden_bte
+    if n_virtual:
+      hidden_bte = hidden_bte[:, n_virtual:]
+    logits_btv = None
+    if compute_logits:
+      if cfg.tie_embeddings:
+        logits_btv = embed.attend(hidden_bte)
+      else:
+        logits_btv = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.weight_dtype, name="lm_head",
+                              kernel_init=logical(param_init(cfg), ("embed", "vocab")))(hidden_bte)
+    if cache is None:
+      return logits_btv, hidden_bte
+    new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": key_segments_bs,
+                 "index": cache_index + x_bte.shape[1]}
+    return logits_btv, hidden_bte, new_cache
+
+  def _prepend_soft_prompt(self, x_bte, segment_ids_bt, positions_bt, n_virtual: int):
+    """Prompt tuning: n learned embeddings before each row, in the row's (single) segment."""
+    cfg = self.config
+    soft_ne = self.param("soft_prompt", logical(param_init(cfg), ("virtual_tokens", "embed")),
+                         (n_virtual, cfg.hidden_size), cfg.weight_dtype)
+    b = x_bte.shape[0]
+    soft_bne = jnp.broadcast_to(soft_ne.astype(x_bte.dtype), (b, *soft_ne.shape))
+    row_segment_b1 = jnp.max(segment_ids_bt, axis=1, keepdims=True)
+    segments = jnp.concatenate([jnp.broadcast_to(row_segment_b1, (b, n_virtual)),
+                                segment_ids_bt], axis=1)
+    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_virtual), (b, n_virtual)),
+                                 positions_bt + n_virtual], axis=1)
+    return jnp.concatenate([soft_bne, x_bte], axis=1), segments, positions
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+  """An empty KV cache of `max_len` slots: k, v [layers, batch, slots, kv_heads, head_dim]."""
+  dtype = dtype or cfg.compute_dtype
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+          "index": jnp.zeros((), jnp.int32)}
 
 
 def stack_layers(params: Params, num_layers: int) -> Params:

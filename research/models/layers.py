@@ -6,13 +6,14 @@ K kv heads, D head dim, F mlp, V vocab. Every parameter carries logical axis nam
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from research.models.config import ModelConfig
+from research.models.peft import NO_PEFT, BottleneckAdapter, LoraDelta, PeftConfig
 
 Initializer = Callable[..., jax.Array]
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -55,34 +56,71 @@ def rotary_embedding(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -
   return (x32 * cos + rotated * sin).astype(x_bthd.dtype)
 
 
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-  """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0)."""
-  t = segment_ids_bt.shape[1]
-  causal_ts = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-  same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  real_bs = (segment_ids_bt != 0)[:, None, :]
+def attention_mask(segment_ids_bt: jax.Array, key_segment_ids_bs: jax.Array | None = None,
+                   query_offset: jax.Array | int = 0) -> jax.Array:
+  """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0).
+
+  With a KV cache the keys are the cache's S slots and query t sits at slot `query_offset + t`.
+  """
+  if key_segment_ids_bs is None:
+    key_segment_ids_bs = segment_ids_bt
+  t, s = segment_ids_bt.shape[1], key_segment_ids_bs.shape[1]
+  causal_ts = (query_offset + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+  same_bts = segment_ids_bt[:, :, None] == key_segment_ids_bs[:, None, :]
+  real_bs = (key_segment_ids_bs != 0)[:, None, :]
   return (causal_ts[None] & same_bts & real_bs)[:, None]
+
+
+class KVCache(NamedTuple):
+  """One layer's cache slice as the attention sees it (stacked over layers in the decoder)."""
+  k_bskd: jax.Array
+  v_bskd: jax.Array
+  segment_ids_bs: jax.Array  # already holds the current tokens' segments
+  index: jax.Array  # int32 []: slot of the first current token
+
+
+def _with_lora(base: nn.Module, x, peft: PeftConfig, name: str, in_axes, out_axes, out_shape,
+               num_in_dims: int, cfg: ModelConfig, deterministic: bool):
+  y = base(x)
+  if peft.lora_on(name):
+    y = y + LoraDelta(in_axes, out_shape, out_axes, num_in_dims, peft, cfg.compute_dtype,
+                      cfg.weight_dtype, name=f"{name}_lora")(x, deterministic)
+  return y
 
 
 class Attention(nn.Module):
   config: ModelConfig
+  peft: PeftConfig = NO_PEFT
+  deterministic: bool = True
 
-  def _proj(self, heads: int, head_axis: str, name: str) -> nn.DenseGeneral:
+  def _proj(self, x_bte, heads: int, head_axis: str, name: str):
     cfg = self.config
-    return nn.DenseGeneral(
+    base = nn.DenseGeneral(
         features=(heads, cfg.resolved_head_dim), axis=-1, use_bias=cfg.attention_bias,
         dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name,
         kernel_init=logical(param_init(cfg), ("embed", head_axis, "head_dim")),
         bias_init=logical(nn.initializers.zeros, (head_axis, "head_dim")))
+    return _with_lora(base, x_bte, self.peft, name, ("embed",), (head_axis, "head_dim"),
+                      (heads, cfg.resolved_head_dim), 1, cfg, self.deterministic)
 
   @nn.compact
-  def __call__(self, x_bte, segment_ids_bt, positions_bt):
+  def __call__(self, x_bte, segment_ids_bt, positions_bt, cache: KVCache | None = None):
     cfg = self.config
-    q_bthd = self._proj(cfg.num_heads, "heads", "q")(x_bte)
-    k_btkd = self._proj(cfg.num_kv_heads, "kv_heads", "k")(x_bte)
-    v_btkd = self._proj(cfg.num_kv_heads, "kv_heads", "v")(x_bte)
+    q_bthd = self._proj(x_bte, cfg.num_heads, "heads", "q")
+    k_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "k")
+    v_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "v")
     q_bthd = rotary_embedding(q_bthd, positions_bt, cfg.rope_theta)
     k_btkd = rotary_embedding(k_btkd, positions_bt, cfg.rope_theta)
+    if cache is None:
+      mask_b1ts = attention_mask(segment_ids_bt)
+      new_cache = None
+    else:  # write this step's keys and values into their slots, then attend over every slot
+      k_btkd = jax.lax.dynamic_update_slice(cache.k_bskd, k_btkd.astype(cache.k_bskd.dtype),
+                                            (0, cache.index, 0, 0))
+      v_btkd = jax.lax.dynamic_update_slice(cache.v_bskd, v_btkd.astype(cache.v_bskd.dtype),
+                                            (0, cache.index, 0, 0))
+      mask_b1ts = attention_mask(segment_ids_bt, cache.segment_ids_bs, cache.index)
+      new_cache = (k_btkd, v_btkd)
     # Repeating KV heads keeps the score product a 4-D batched matmul, which XLA:CPU runs about
     # twice as fast as the 5-D grouped einsum (PERF-NOTES); on GPU/TPU the cost is the same.
     groups = cfg.num_heads // cfg.num_kv_heads
@@ -92,42 +130,60 @@ class Attention(nn.Module):
     scale = cfg.resolved_head_dim ** -0.5
     scores_bhts = jnp.einsum("bthd,bshd->bhts", q_bthd * scale, k_btkd,
                              preferred_element_type=jnp.float32)
-    scores_bhts = jnp.where(attention_mask(segment_ids_bt), scores_bhts, MASK_VALUE)
+    scores_bhts = jnp.where(mask_b1ts, scores_bhts, MASK_VALUE)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(cfg.compute_dtype)
-    out_bthd = jnp.einsum("bhts,bshd->bthd", probs_bhts, v_btkd)
-    return nn.DenseGeneral(
+    out_bthd = jnp.einsum("bhts,bshd->bthd", probs_bhts, v_btkd.astype(cfg.compute_dtype))
+    base = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, name="o",
-        kernel_init=logical(param_init(cfg), ("heads", "head_dim", "embed")))(out_bthd)
+        kernel_init=logical(param_init(cfg), ("heads", "head_dim", "embed")))
+    out_bte = _with_lora(base, out_bthd, self.peft, "o", ("heads", "head_dim"), ("embed",),
+                         (cfg.hidden_size,), 2, cfg, self.deterministic)
+    return out_bte, new_cache
 
 
 class MLP(nn.Module):
   config: ModelConfig
+  peft: PeftConfig = NO_PEFT
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x_bte):
     cfg = self.config
 
-    def dense(features, axes, name):
-      return nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype,
+    def dense(x, features, axes, name):
+      base = nn.Dense(features, use_bias=False, dtype=cfg.compute_dtype,
                       param_dtype=cfg.weight_dtype, name=name,
                       kernel_init=logical(param_init(cfg), axes))
+      return _with_lora(base, x, self.peft, name, axes[:1], axes[1:], (features,), 1, cfg,
+                        self.deterministic)
 
-    gate_btf = dense(cfg.mlp_dim, ("embed", "mlp"), "gate")(x_bte)
-    up_btf = dense(cfg.mlp_dim, ("embed", "mlp"), "up")(x_bte)
-    return dense(cfg.hidden_size, ("mlp", "embed"), "down")(nn.silu(gate_btf) * up_btf)
+    gate_btf = dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "gate")
+    up_btf = dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "up")
+    return dense(nn.silu(gate_btf) * up_btf, cfg.hidden_size, ("mlp", "embed"), "down")
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block. Returns (x, None) so that it can be the body of `nn.scan`."""
+  """Pre-norm block. Returns (x, this layer's new KV cache or None): the body of `nn.scan`."""
   config: ModelConfig
+  peft: PeftConfig = NO_PEFT
+  deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_bte, segment_ids_bt, positions_bt):
-    cfg = self.config
+  def __call__(self, x_bte, segment_ids_bt, positions_bt, layer_kv=None, key_segments_bs=None,
+               cache_index=None):
+    cfg, peft = self.config, self.peft
     norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    cache = None if layer_kv is None else KVCache(*layer_kv, key_segments_bs, cache_index)
     h = RMSNorm(**norm, name="attn_norm")(x_bte)
-    x_bte = x_bte + Attention(cfg, name="attn")(h, segment_ids_bt, positions_bt)
-    h = RMSNorm(**norm, name="mlp_norm")(x_bte)
-    x_bte = x_bte + MLP(cfg, name="mlp")(h)
-    return x_bte, None
+    h, new_kv = Attention(cfg, peft, self.deterministic, name="attn")(h, segment_ids_bt,
+                                                                      positions_bt, cache)
+    if peft.method == "adapter":
+      h = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype,
+                            name="attn_adapter")(h)
+    x_bte = x_bte + h
+    h = MLP(cfg, peft, self.deterministic, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x_bte))
+    if peft.method == "adapter":
+      h = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype,
+                            name="mlp_adapter")(h)
+    return x_bte + h, new_kv

@@ -27,6 +27,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("length", None),
     ("lora_rank", None),
+    ("adapter", None),
+    ("virtual_tokens", None),
 )
 
 
