@@ -149,3 +149,36 @@ def split_trainable(params: Any, peft: PeftConfig) -> tuple[Any, Any]:
   if not trainable:
     raise ConfigError(f"peft.method={peft.method!r} added no trainable parameter: check its options")
   return trainable, frozen
+
+
+def lora_delta(a: jax.Array, b: jax.Array, scale: float, kernel_ndim: int) -> jax.Array:
+  """scale * A @ B shaped like the adapted kernel; A [L?, in..., r], B [L?, r, out...]."""
+  stacked = (a.ndim - 1) + (b.ndim - 1) == kernel_ndim + 1
+  product = (jax.vmap(lambda x, y: jnp.tensordot(x, y, axes=1)) if stacked
+             else (lambda x, y: jnp.tensordot(x, y, axes=1)))
+  return scale * product(a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+def merge_lora(params: Any, peft: PeftConfig) -> Any:
+  """Base params with every `<name>_lora` folded into `<name>/kernel` (and the LoRA entries gone)."""
+  if not isinstance(params, dict):
+    return params
+  out = {}
+  for key, value in params.items():
+    if key.endswith("_lora"):
+      continue
+    lora = params.get(f"{key}_lora")
+    if lora is not None:
+      kernel = value["kernel"]
+      delta = lora_delta(lora["lora_a"], lora["lora_b"], peft.lora_scale, kernel.ndim)
+      value = {**value, "kernel": (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)}
+    out[key] = merge_lora(value, peft)
+  return out
+
+
+def strip_peft(params: Any) -> Any:
+  """The base decoder's params alone (drops every parameter a PEFT method added)."""
+  if not isinstance(params, dict):
+    return params
+  return {k: strip_peft(v) for k, v in params.items()
+          if not (k.endswith(TRAINABLE_MODULE_SUFFIXES) or k in TRAINABLE_NAMES)}

@@ -21,11 +21,13 @@ from jax.sharding import Mesh
 from research.errors import CheckpointError
 from research.models.config import ModelConfig
 from research.models.decoder import Decoder
+from research.models.peft import NO_PEFT, PeftConfig, merge_lora, split_trainable
 from research.parallel.mesh import make_mesh
 from research.parallel.rules import DEFAULT_RULES, Rules, logical_axes_of, shardings_for
 from research.train.checkpoints import Checkpointer
 
 MODEL_CONFIG = "model_config.json"
+PEFT_CONFIG = "peft_config.json"
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -43,15 +45,22 @@ def is_workdir(path: str) -> bool:
   return os.path.isfile(os.path.join(path, MODEL_CONFIG))
 
 
-def write_model_files(workdir: str, cfg: ModelConfig, tokenizer: Any = None) -> None:
-  """Model config (and tokenizer) beside the checkpoints; written by process 0 only, atomically."""
+def _write_json(path: str, data: dict) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def write_model_files(workdir: str, cfg: ModelConfig, tokenizer: Any = None,
+                      peft: PeftConfig = NO_PEFT) -> None:
+  """Model config (PEFT config, tokenizer) beside the checkpoints; process 0 only, atomically."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, MODEL_CONFIG + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, MODEL_CONFIG))
+  _write_json(os.path.join(workdir, MODEL_CONFIG), cfg.to_dict())
+  if peft.method != "none":
+    _write_json(os.path.join(workdir, PEFT_CONFIG), peft.to_dict())
   if tokenizer is not None and not os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
     tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
 
@@ -65,10 +74,19 @@ def read_model_config(workdir: str) -> ModelConfig:
     return ModelConfig.from_dict(json.load(f))
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def read_peft_config(workdir: str) -> PeftConfig:
+  path = os.path.join(workdir, PEFT_CONFIG)
+  if not os.path.isfile(path):
+    return NO_PEFT
+  with open(path) as f:
+    return PeftConfig(**json.load(f))
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                    peft: PeftConfig = NO_PEFT):
   """(abstract params with shardings, shardings) of a decoder, from shapes only."""
-  boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0),
-                                                   jnp.zeros((1, 8), jnp.int32))["params"])
+  boxed = jax.eval_shape(lambda: Decoder(cfg, peft).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
   shapes = nn.meta.unbox(boxed)
   shardings = shardings_for(shapes, logical_axes_of(boxed), mesh, rules)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -76,20 +94,47 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   return abstract, shardings
 
 
-def load_model(workdir: str, step: int | None = None, mesh: Mesh | None = None,
-               rules: Rules = DEFAULT_RULES) -> tuple[ModelConfig, Any, str | None, dict]:
-  """(model config, decoder params placed on `mesh`, tokenizer dir or None, checkpoint extra)."""
-  cfg = read_model_config(workdir)
+def _merge_trees(a: Any, b: Any) -> Any:
+  if not isinstance(a, dict) or not isinstance(b, dict):
+    return a if b in (None, {}) else b
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge_trees(out[k], v) if k in out else v
+  return out
+
+
+def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+             rules: Rules = DEFAULT_RULES) -> tuple[ModelConfig, PeftConfig, Any, str | None, dict]:
+  """(model config, PEFT config, every param incl. PEFT ones, tokenizer dir, checkpoint extra)."""
+  cfg, peft = read_model_config(workdir), read_peft_config(workdir)
   if mesh is None:
     mesh = make_mesh({"data": -1})
-  abstract, _ = param_shardings(cfg, mesh, rules)
+  abstract, _ = param_shardings(cfg, mesh, rules, peft)
+  trainable, frozen = split_trainable(abstract, peft)
+  fields = {"params": trainable} if not frozen else {"params": trainable, "frozen": frozen}
   ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=1_000_000, async_save=False)
   try:
     extra = ckpt.restore_extra(step)
-    params = ckpt.restore_fields(step, {"params": abstract})["params"]
+    restored = ckpt.restore_fields(step, fields)
   finally:
     ckpt.close()
-  return cfg, params, tokenizer_dir(workdir), extra
+  params = _merge_trees(restored.get("frozen", {}), restored["params"])
+  return cfg, peft, params, tokenizer_dir(workdir), extra
+
+
+def load_model(workdir: str, step: int | None = None, mesh: Mesh | None = None,
+               rules: Rules = DEFAULT_RULES) -> tuple[ModelConfig, Any, str | None, dict]:
+  """(model config, base decoder params on `mesh` with LoRA merged in, tokenizer dir, extra).
+
+  Runs trained with prompt tuning or adapters have extra modules a plain decoder lacks: refused.
+  """
+  cfg, peft, params, tok_dir, extra = load_run(workdir, step, mesh, rules)
+  if peft.method not in ("none", "lora"):
+    raise CheckpointError(f"{workdir} was trained with peft.method={peft.method!r}, which cannot "
+                          "be merged into the base weights; load it with load_run instead")
+  if peft.method == "lora":
+    params = jax.jit(lambda p: merge_lora(p, peft))(params)
+  return cfg, params, tok_dir, extra
 
 
 def write_initial_checkpoint(workdir: str, cfg: ModelConfig, params: Any,
