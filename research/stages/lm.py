@@ -89,11 +89,12 @@ def lm_evaluator(eval_step, rows: dict[str, np.ndarray], batch_size: int, max_ba
 
 
 def write_samples(path: str, title: str, params: Any, cfg: ModelConfig, tokenizer: Any,
-                  prompts: Sequence[str], max_new_tokens: int,
+                  prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
                   peft: PeftConfig = NO_PEFT) -> list[str]:
-  """Greedy continuations of text prompts, appended to `path` under `title`; returns them."""
-  encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-             for p in prompts]
+  """Greedy continuations of prompts (text, or token ids), appended to `path` under `title`."""
+  encoded = [(tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else
+              list(p)) or [tokenizer.eos_token_id] for p in prompts]
+  prompts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
   outs = greedy_generate(params, cfg, encoded, max_new_tokens, pad_id=tokenizer.pad_token_id,
                          eos_id=tokenizer.eos_token_id, peft=peft)
   texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
@@ -107,7 +108,8 @@ def write_samples(path: str, title: str, params: Any, cfg: ModelConfig, tokenize
 def train_lm(config: ConfigDict, workdir: str, resume: bool, *, mesh: Mesh, rules: Rules,
              cfg: ModelConfig, tokenizer: Any, train_rows: dict, eval_rows: dict,
              base_params: Any = None, peft: PeftConfig = NO_PEFT,
-             sample_prompts: Sequence[str] = (), sample_before: bool = False) -> dict[str, Any]:
+             sample_prompts: Sequence[str | Sequence[int]] = (),
+             sample_before: bool = False) -> dict[str, Any]:
   """Trains `cfg` (+`peft`) on packed LM rows; returns samples, the final state and eval metrics.
 
   `base_params` (e.g. imported weights) start the run: all of them train without PEFT; with PEFT
