@@ -20,7 +20,8 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 METHODS = ("none", "lora", "prompt", "adapter")
 # Names of the modules the methods add; any param under one of them trains.
 TRAINABLE_MODULE_SUFFIXES = ("_lora",)
-TRAINABLE_NAMES = ("soft_prompt", "attn_adapter", "mlp_adapter")
+# Scalar heads (research/models/heads.py) are always fresh, so they train under every method.
+TRAINABLE_NAMES = ("soft_prompt", "attn_adapter", "mlp_adapter", "score", "value_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +178,7 @@ def merge_lora(params: Any, peft: PeftConfig) -> Any:
 
 
 def strip_peft(params: Any) -> Any:
-  """The base decoder's params alone (drops every parameter a PEFT method added)."""
+  """The base decoder's params alone (drops every parameter a PEFT method or a head added)."""
   if not isinstance(params, dict):
     return params
   return {k: strip_peft(v) for k, v in params.items()
