@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from research.models.config import ModelConfig
-from research.models.layers import DecoderBlock, RMSNorm, logical, param_init
+from research.models.layers import DecoderBlock, RMSNorm, apply_flat, logical, param_init
 from research.models.peft import NO_PEFT, PeftConfig
 
 Params = dict[str, Any]
@@ -104,12 +104,15 @@ class Decoder(nn.Module):
       hidden_bte = hidden_bte[:, n_virtual:]
     logits_btv = None
     if compute_logits:
+      # Flat [tokens, E] input: the head's weight gradient then needs no transposed copy of the
+      # [tokens, V] logits gradient (see apply_flat).
       if cfg.tie_embeddings:
-        logits_btv = embed.attend(hidden_bte)
+        logits_btv = apply_flat(embed.attend, hidden_bte)
       else:
-        logits_btv = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                              param_dtype=cfg.weight_dtype, name="lm_head",
-                              kernel_init=logical(param_init(cfg), ("embed", "vocab")))(hidden_bte)
+        logits_btv = apply_flat(
+            nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.weight_dtype, name="lm_head",
+                     kernel_init=logical(param_init(cfg), ("embed", "vocab"))), hidden_bte)
     if cache is None:
       return logits_btv, hidden_bte
     new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": key_segments_bs,
