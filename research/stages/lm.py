@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
@@ -18,16 +17,9 @@ from research.models.config import ModelConfig
 from research.models.decoder import Decoder
 from research.models.peft import NO_PEFT, PeftConfig, split_trainable
 from research.objectives.lm import masked_nll_sum
-from research.parallel.distributed import global_batch_from_local
-from research.parallel.rules import Rules, batch_sharding
+from research.parallel.rules import Rules
 from research.sampling import greedy_generate
-from research.stages import setup
-from research.train import workdir as wd
-from research.train.checkpoints import Checkpointer
-from research.train.loop import LoopHooks
-from research.train.optimizer import make_optimizer
-from research.train.state import abstract_state
-from research.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from research.stages.training import StageSpec, host_slices, run_training
 
 
 def merge_params(trainable: Any, frozen: Any) -> Any:
@@ -67,25 +59,26 @@ def lm_loss_fn(cfg: ModelConfig, peft: PeftConfig = NO_PEFT, deterministic: bool
   return loss_fn
 
 
-def lm_evaluator(eval_step, rows: dict[str, np.ndarray], batch_size: int, max_batches: int,
-                 sharding) -> Any:
-  """state -> {'eval/loss', 'eval/perplexity', 'eval/tokens'} over fixed held-out batches."""
-  batches = loader.eval_batches(rows, batch_size)[:max_batches] if len(rows["inputs"]) else []
-  per_process = batch_size // jax.process_count()
-  lo = jax.process_index() * per_process
-  device_batches = [global_batch_from_local({k: v[lo:lo + per_process] for k, v in b.items()},
-                                            sharding) for b in batches]
+def lm_evaluator(rows: dict[str, np.ndarray], batch_size: int, max_batches: int):
+  """EvaluatorFactory: {'eval/loss', 'eval/perplexity', 'eval/tokens'} over fixed held-out batches."""
 
-  def evaluate(state) -> dict[str, float]:
-    num = den = 0.0
-    for batch in device_batches:
-      n, d = eval_step(state, batch)
-      num, den = num + float(n), den + float(d)
-    loss = num / max(den, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0))),
-            "eval/tokens": den}
+  def make(eval_step, sharding):
+    if not len(rows["inputs"]):
+      return None
+    device_batches = host_slices(loader.eval_batches(rows, batch_size)[:max_batches], sharding)
 
-  return evaluate if device_batches else None
+    def evaluate(state) -> dict[str, float]:
+      num = den = 0.0
+      for batch in device_batches:
+        n, d = eval_step(state, batch)
+        num, den = num + float(n), den + float(d)
+      loss = num / max(den, 1.0)
+      return {"eval/loss": loss, "eval/perplexity": float(np.exp(min(loss, 80.0))),
+              "eval/tokens": den}
+
+    return evaluate
+
+  return make
 
 
 def write_samples(path: str, title: str, params: Any, cfg: ModelConfig, tokenizer: Any,
@@ -115,66 +108,25 @@ def train_lm(config: ConfigDict, workdir: str, resume: bool, *, mesh: Mesh, rule
   `base_params` (e.g. imported weights) start the run: all of them train without PEFT; with PEFT
   they are frozen and only the method's fresh params train.
   """
-  seq_len = train_rows["inputs"].shape[1]
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-  init_fn = decoder_init(cfg, peft)
-  abstract, shardings = abstract_state(init_fn, tx, mesh, rules)
-  checkpointer = Checkpointer(wd.checkpoint_dir(workdir), config.train.keep_checkpoints,
-                              async_save=config.train.async_checkpoints)
-  init_params = None
-  if base_params is not None:
-    def init_params():
-      if peft.method == "none":
-        return base_params, {}
-      fresh, _ = jax.jit(init_fn, out_shardings=(shardings.params, shardings.frozen))(
-          jax.random.PRNGKey(config.seed))
-      return fresh, base_params
-  state, start_step, extra = setup.start_state(
-      config=config, workdir=workdir, resume=resume, abstract=abstract, shardings=shardings,
-      init_fn=init_fn, tx=tx, checkpointer=checkpointer, init_params=init_params)
-  if start_step:
-    logging.info("resumed from step %d", start_step)
-
-  b_sharding = batch_sharding(mesh, rules)
-  train_loss = lm_loss_fn(cfg, peft, deterministic=False)
-  eval_loss = lm_loss_fn(cfg, peft, deterministic=True)
-  train_step = jit_train_step(make_train_step(train_loss, tx, schedule, config.train.micro_batches),
-                              shardings, b_sharding)
-  eval_step = jit_eval_step(make_eval_step(eval_loss), shardings, b_sharding)
-  batches = loader.BatchIterator(train_rows, config.train.global_batch, config.seed,
-                                 start_position=extra.get("data_position", 0),
-                                 process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-  evaluate = lm_evaluator(eval_step, eval_rows, config.train.eval_batch_size,
-                          config.train.max_eval_batches, b_sharding)
   samples_path = os.path.join(workdir, "samples.txt")
   sample = lambda title, st: write_samples(  # noqa: E731
       samples_path, title, merge_params(st.params, st.frozen), cfg, tokenizer, sample_prompts,
       config.train.sample_tokens, peft)
-  before = sample("before training", state) if sample_before and sample_prompts and \
-      start_step == 0 else []
-  final_eval: dict[str, float] = {}
+  before: list[str] = []
 
-  def on_eval(step, metrics):
-    final_eval.update(metrics)
+  def before_loop(state, start_step):
+    if sample_before and sample_prompts and start_step == 0:
+      before.extend(sample("before training", state))
 
-  hooks = LoopHooks(
-      train_step=train_step,
-      next_batch=lambda: global_batch_from_local(next(batches), b_sharding),
-      tokens_per_step=config.train.global_batch * seq_len,
-      evaluate=(lambda st: _tap(evaluate(st), on_eval)) if evaluate else None,
-      checkpoint_extra=lambda: {"data_position": batches.position, "config": config.to_dict(),
-                                "model_config": cfg.to_dict(), "peft_config": peft.to_dict()})
-  try:
-    state = setup.run_loop(config=config, workdir=workdir, state=state, start_step=start_step,
-                           hooks=hooks, checkpointer=checkpointer)
-  finally:
-    checkpointer.close()
+  spec = StageSpec(
+      init_fn=decoder_init(cfg, peft), train_loss=lm_loss_fn(cfg, peft, deterministic=False),
+      eval_loss=lm_loss_fn(cfg, peft, deterministic=True), train_rows=train_rows,
+      tokens_per_row=train_rows["inputs"].shape[1], base_params=base_params,
+      make_evaluator=lm_evaluator(eval_rows, config.train.eval_batch_size,
+                                  config.train.max_eval_batches),
+      meta={"model_config": cfg.to_dict(), "peft_config": peft.to_dict()},
+      before_loop=before_loop)
+  state, last_eval = run_training(config, workdir, resume, spec, mesh=mesh, rules=rules)
   after = sample(f"step {config.train.steps}", state) if sample_prompts else []
   return {"samples": after, "samples_before": before, "state": state, "model_config": cfg,
-          "eval": final_eval}
-
-
-def _tap(metrics: dict, fn) -> dict:
-  fn(None, metrics)
-  return metrics
+          "eval": last_eval}
