@@ -67,16 +67,19 @@ def test_save_config_round_trip(tmp_path: Any) -> None:
 
 
 def test_format_progress() -> None:
-  line = format_progress(120, 200, {"loss": 3.214, "lr": 3e-4}, 12345.4)
+  line = format_progress(120, 200, {"loss": 3.214, "perplexity": 24.88, "lr": 3e-4}, 12345.4)
   assert line == "step 120/200  loss 3.214  ppl 24.9  tok/s 12,345  lr 3.0e-04"
-  assert format_progress(1, 2, {"loss": 1e4}, None) == "step 1/2  loss 10000.000  ppl inf"
+  # A loss that is no token NLL (a rank loss) shows no perplexity, but its accuracy.
+  assert format_progress(1, 2, {"loss": 0.69, "accuracy": 0.5}, None) == (
+      "step 1/2  loss 0.690  accuracy 0.500")
 
 
 def test_progress_logger_every_n_steps() -> None:
   lines: list[str] = []
   times = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
   logger = ProgressLogger(total_steps=5, every=2, log_fn=lines.append, clock=lambda: next(times))
-  results = [logger.update(step, {"loss": 1.0}, tokens=100) for step in range(1, 6)]
+  results = [logger.update(step, {"loss": 1.0, "perplexity": 2.718}, tokens=100)
+             for step in range(1, 6)]
   assert [r is not None for r in results] == [False, True, False, True, True]
   # Step 1 (compile) only starts the clock: 100 tokens in the 1 s up to step 2.
   assert lines[0] == "step 2/5  loss 1.000  ppl 2.7  tok/s 100"

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import transformers
 
-from research.data.packing import empty_rows, num_rows, pack_documents
+from research.data.packing import num_rows, pack_documents
 from research.errors import ConfigError, DataError
 
 Rows = dict[str, np.ndarray]
@@ -133,18 +133,17 @@ class BatchIterator:
 
 
 def eval_batches(rows: Rows, batch_size: int) -> list[Rows]:
-  """Fixed eval batches in row order; the last one is filled up with all-zero rows
-  (loss_mask 0) so every batch has the static shape `[batch_size, seq_len]`."""
+  """Fixed eval batches in row order; the last one is filled up with all-zero rows (loss_mask 0,
+  or `valid` False for other stages' rows) so every batch has the static shape `[batch_size, ...]`."""
   if batch_size < 1:
     raise ConfigError(f"eval batch_size={batch_size} must be positive")
   n_rows = num_rows(rows)
-  seq_len = rows["inputs"].shape[1]
   batches = []
   for start in range(0, n_rows, batch_size):
     batch = {k: v[start:start + batch_size] for k, v in rows.items()}
-    missing = batch_size - batch["inputs"].shape[0]
+    missing = batch_size - len(next(iter(batch.values())))
     if missing:
-      filler = empty_rows(missing, seq_len)
+      filler = {k: np.zeros((missing, *v.shape[1:]), v.dtype) for k, v in batch.items()}
       batch = {k: np.concatenate([batch[k], filler[k]]) for k in batch}
     batches.append(batch)
   return batches

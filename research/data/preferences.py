@@ -183,8 +183,12 @@ class PreferenceReport:
             f"up to {self.max_responses} responses each")
 
 
+LONG_PROMPT_POLICIES = ("error", "truncate")
+
+
 def tokenize_preferences(records: Sequence[Record], tokenizer: transformers.PreTrainedTokenizerBase,
-                         max_len: int) -> tuple[Arrays, PreferenceReport]:
+                         max_len: int, long_prompts: str = "error",
+                         ) -> tuple[Arrays, PreferenceReport]:
   """Normalised records -> one right-padded row of `max_len` tokens per (record, response).
 
   Row (n, k) holds `prompt ids + ids of response k + EOS`; prompt and response are tokenized
@@ -201,8 +205,12 @@ def tokenize_preferences(records: Sequence[Record], tokenizer: transformers.PreT
   prompt + the longest response + EOS exceeds `max_len`, the prompt is cut from the left by the
   same amount for all of the record's responses (they stay comparable), counted in
   `report.truncated`. A prompt of `max_len` tokens or more (no response token would fit after it)
-  raises `DataError`, as does a response that leaves no room for one prompt token.
+  raises `DataError` with `long_prompts="error"`; with `"truncate"` it is cut from the left like
+  any other over-long prompt (and counted), and a response that leaves no room for one prompt
+  token is cut from the right to `max_len - 2` tokens + EOS; with `"error"` that raises.
   """
+  if long_prompts not in LONG_PROMPT_POLICIES:
+    raise ConfigError(f"long_prompts={long_prompts!r} is not one of {LONG_PROMPT_POLICIES}")
   if max_len < 2:
     raise ConfigError(f"max_len={max_len} must be >= 2 (a prompt token and the EOS)")
   eos_id = tokenizer.eos_token_id
@@ -234,11 +242,20 @@ def tokenize_preferences(records: Sequence[Record], tokenizer: transformers.PreT
     s += 1 + len(responses)
     longest = max(len(r) for r in responses_k)
     report.max_tokens = max(report.max_tokens, len(prompt_p) + longest)
-    if len(prompt_p) >= max_len:
+    if len(prompt_p) >= max_len and long_prompts == "error":
       raise DataError(f"{where}: field 'prompt' is {len(prompt_p)} tokens, a prompt longer than "
                       f"the max length (max_len={max_len}) leaves no room for a response token; "
-                      "raise max_len or shorten or drop the record")
+                      "raise max_len, shorten or drop the record, or set long_prompts="
+                      "'truncate' (--config.data.long_prompts=truncate)")
     room = max_len - longest
+    cut = False
+    if room < 1 and long_prompts == "truncate":
+      # Keep one prompt token; cut over-long responses from the right (their EOS stays last).
+      cap = max_len - 2
+      responses_k = [np.concatenate([r[:-1][:cap], eos_1]) for r in responses_k]
+      longest = max(len(r) for r in responses_k)
+      room = max_len - longest
+      cut = True
     if room < 1:
       k = max(range(len(responses_k)), key=lambda i: len(responses_k[i]))
       raise DataError(f"{where}: field responses[{k}] is {longest - 1} tokens + EOS, which leaves "
@@ -246,7 +263,8 @@ def tokenize_preferences(records: Sequence[Record], tokenizer: transformers.PreT
                       "the score is read at their end); raise max_len or drop the record")
     if len(prompt_p) > room:
       prompt_p = prompt_p[len(prompt_p) - room:]
-      report.truncated += 1
+      cut = True
+    report.truncated += cut
     for k, response in enumerate(responses_k):
       length = len(prompt_p) + len(response)
       arrays["tokens_bkt"][n, k, :length] = np.concatenate([prompt_p, response])

@@ -6,7 +6,6 @@ text, in `<workdir>/base`, so a preset runs from a fresh clone with nothing else
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -20,10 +19,10 @@ from research.errors import ConfigError
 from research.models.peft import PeftConfig
 from research.parallel.distributed import check_global_batch
 from research.parallel.rules import batch_shard_count
-from research.stages import pretrain, setup
+from research.stages import setup
+from research.stages.base_model import build_base
 from research.stages.lm import train_lm
 from research.train import workdir as wd
-from research.train.checkpoints import Checkpointer
 
 
 def peft_from(section: ConfigDict) -> PeftConfig:
@@ -34,30 +33,6 @@ def peft_from(section: ConfigDict) -> PeftConfig:
 
 def record_texts(records: list[dict]) -> list[str]:
   return ["\n".join(m["content"] for m in r["messages"]) for r in records]
-
-
-def build_base(config: ConfigDict, workdir: str, train_records: list[dict]) -> str:
-  """Pretrains the small base model on the training records' text (once; reused on resume)."""
-  base_dir = os.path.join(workdir, "base")
-  base = config.base
-  corpus = os.path.join(workdir, "base_corpus.jsonl")
-  if not os.path.isfile(corpus):
-    with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-      for text in record_texts(train_records):
-        f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    os.replace(corpus + ".tmp", corpus)
-  if os.path.isdir(wd.checkpoint_dir(base_dir)):
-    ckpt = Checkpointer(wd.checkpoint_dir(base_dir), max_to_keep=1_000_000)
-    done = ckpt.latest_step() == base.train.steps
-    ckpt.close()
-    if done:
-      return base_dir
-  base = ConfigDict(base.to_dict())
-  base.data.corpus = corpus
-  base.mesh = ConfigDict(config.mesh.to_dict())
-  logging.info("no init given: pretraining a small base in %s", base_dir)
-  pretrain.run(base, base_dir, resume=True)
-  return base_dir
 
 
 def response_start(loss_on: np.ndarray) -> int:
@@ -88,7 +63,8 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
     cfg = wd.read_model_config(workdir)
     tok_dir = wd.tokenizer_dir(workdir)
   else:
-    init = config.init or build_base(config, workdir, train_records)
+    init = config.init or build_base(config.base, config.mesh, workdir,
+                                     record_texts(train_records))
     cfg, base_params, tok_dir = setup.load_init_weights(init, mesh, rules)
   if not tok_dir:
     raise ConfigError(f"init={config.init!r} has no tokenizer files; SFT needs the base model's "

@@ -39,6 +39,7 @@ class StageSpec:
   make_evaluator: EvaluatorFactory | None = None
   meta: dict = dataclasses.field(default_factory=dict)  # JSON saved in every checkpoint
   before_loop: Callable[[TrainState, int], None] | None = None  # (state, start step)
+  lm_loss: bool = True  # report perplexity
 
 
 def overlay(fresh: Any, base: Any) -> Any:
@@ -96,7 +97,7 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
       train_step=train_step,
       next_batch=lambda: global_batch_from_local(next(batches), b_sharding),
       tokens_per_step=config.train.global_batch * spec.tokens_per_row,
-      evaluate=evaluate_and_keep if evaluate else None,
+      evaluate=evaluate_and_keep if evaluate else None, perplexity=spec.lm_loss,
       checkpoint_extra=lambda: {"data_position": batches.position, "config": config.to_dict(),
                                 **spec.meta})
   try:

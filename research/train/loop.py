@@ -21,6 +21,7 @@ class LoopHooks:
   evaluate: Callable[[Any], dict[str, float]] | None = None  # state -> eval metrics
   checkpoint_extra: Callable[[], dict] | None = None  # JSON saved beside the state
   on_log: Callable[[int, dict], None] | None = None
+  perplexity: bool = True  # the loss is a token NLL (LM stages), so exp(loss) means something
 
 
 def train_loop(state: Any, hooks: LoopHooks, *, start_step: int, total_steps: int,
@@ -48,7 +49,7 @@ def train_loop(state: Any, hooks: LoopHooks, *, start_step: int, total_steps: in
     last_time = now
     if hooks.tokens_per_step:
       metrics["tokens_per_s"] = hooks.tokens_per_step / max(metrics["step_time_s"], 1e-9)
-    if "loss" in metrics:
+    if hooks.perplexity and "loss" in metrics:
       metrics["perplexity"] = float(jax.numpy.exp(min(metrics["loss"], 80.0)))
     writer.write(step, metrics, prefix="train/")
     progress.update(step, metrics, tokens=hooks.tokens_per_step)

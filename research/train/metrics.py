@@ -5,7 +5,6 @@ periodic one-line progress log (`step 120/200  loss 3.214  ppl 24.9  tok/s 12,34
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -123,8 +122,11 @@ def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
   if "loss" in metrics:
     loss = float(metrics["loss"])
     parts.append(f"loss {loss:.3f}")
-    # exp overflows past ~709; a loss that high is already divergence, so show inf.
-    parts.append(f"ppl {math.exp(loss) if loss < 700 else math.inf:.1f}")
+    if "perplexity" in metrics:  # language-model losses only
+      parts.append(f"ppl {float(metrics['perplexity']):.1f}")
+  for key in ("accuracy", "objective/scores", "objective/kl"):
+    if key in metrics:
+      parts.append(f"{key.split('/')[-1]} {float(metrics[key]):.3f}")
   if tokens_per_sec is not None:
     parts.append(f"tok/s {tokens_per_sec:,.0f}")
   if "lr" in metrics:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from research.errors import CheckpointError
 from research.models.config import ModelConfig
 from research.models.decoder import Decoder
+from research.models.heads import init_with_head
 from research.models.peft import NO_PEFT, PeftConfig, merge_lora, split_trainable
 from research.parallel.mesh import make_mesh
 from research.parallel.rules import DEFAULT_RULES, Rules, logical_axes_of, shardings_for
@@ -28,6 +29,7 @@ from research.train.checkpoints import Checkpointer
 
 MODEL_CONFIG = "model_config.json"
 PEFT_CONFIG = "peft_config.json"
+HEAD_CONFIG = "head.json"  # {"head": "score"} for a reward model
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -53,7 +55,7 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def write_model_files(workdir: str, cfg: ModelConfig, tokenizer: Any = None,
-                      peft: PeftConfig = NO_PEFT) -> None:
+                      peft: PeftConfig = NO_PEFT, head: str | None = None) -> None:
   """Model config (PEFT config, tokenizer) beside the checkpoints; process 0 only, atomically."""
   if jax.process_index() != 0:
     return
@@ -61,6 +63,8 @@ def write_model_files(workdir: str, cfg: ModelConfig, tokenizer: Any = None,
   _write_json(os.path.join(workdir, MODEL_CONFIG), cfg.to_dict())
   if peft.method != "none":
     _write_json(os.path.join(workdir, PEFT_CONFIG), peft.to_dict())
+  if head:
+    _write_json(os.path.join(workdir, HEAD_CONFIG), {"head": head})
   if tokenizer is not None and not os.path.isdir(os.path.join(workdir, TOKENIZER_DIR)):
     tokenizer.save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
 
@@ -82,11 +86,23 @@ def read_peft_config(workdir: str) -> PeftConfig:
     return PeftConfig(**json.load(f))
 
 
+def read_head(workdir: str) -> str | None:
+  """The scalar head the run's model carries (research.models.heads), or None for an LM."""
+  path = os.path.join(workdir, HEAD_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["head"]
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                    peft: PeftConfig = NO_PEFT):
-  """(abstract params with shardings, shardings) of a decoder, from shapes only."""
-  boxed = jax.eval_shape(lambda: Decoder(cfg, peft).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+                    peft: PeftConfig = NO_PEFT, head: str | None = None):
+  """(abstract params with shardings, shardings) of a decoder (+ head), from shapes only."""
+  if head:
+    boxed = jax.eval_shape(lambda: init_with_head(cfg, peft, head, jax.random.PRNGKey(0)))
+  else:
+    boxed = jax.eval_shape(lambda: Decoder(cfg, peft).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
   shapes = nn.meta.unbox(boxed)
   shardings = shardings_for(shapes, logical_axes_of(boxed), mesh, rules)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -103,19 +119,58 @@ def _merge_trees(a: Any, b: Any) -> Any:
   return out
 
 
+def _lora_rank_mismatch(workdir: str, ckpt: Checkpointer, step: int | None, trainable: Any,
+                        peft: PeftConfig) -> str | None:
+  """Why a LoRA run failed to restore, when the cause is a rank other than peft_config.json's.
+
+  Orbax's own message gives shapes but not which param; this names the param and both ranks.
+  """
+  if peft.method != "lora":
+    return None
+  step = ckpt.latest_step() if step is None else step
+  try:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(ckpt.directory, str(step), "state"))
+    meta = getattr(meta, "item_metadata", meta)
+    saved = getattr(meta, "tree", meta)["params"]
+  except Exception:  # pylint: disable=broad-except
+    return None  # unreadable metadata: the restore error stands as it is
+  for path, want in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+    keys = [k.key for k in path]
+    if keys[-1] not in ("lora_a", "lora_b"):
+      continue
+    node = saved
+    for k in keys:
+      node = node.get(k) if isinstance(node, dict) else None
+    shape = tuple(getattr(node, "shape", ()) or ())
+    # A: [L?, in..., r] holds the rank last; B: [L?, r, out...] right after the layer axis.
+    axis = -1 if keys[-1] == "lora_a" else int(keys[0] == "layers")
+    if len(shape) == len(want.shape) and shape != tuple(want.shape) and shape[axis] != peft.r:
+      return (f"{workdir}: LoRA param {'/'.join(keys)} has rank {shape[axis]} in checkpoint step "
+              f"{step} but {PEFT_CONFIG} says r={peft.r}; set \"r\": {shape[axis]} in "
+              f"{os.path.join(workdir, PEFT_CONFIG)}")
+  return None
+
+
 def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
              rules: Rules = DEFAULT_RULES) -> tuple[ModelConfig, PeftConfig, Any, str | None, dict]:
   """(model config, PEFT config, every param incl. PEFT ones, tokenizer dir, checkpoint extra)."""
   cfg, peft = read_model_config(workdir), read_peft_config(workdir)
   if mesh is None:
     mesh = make_mesh({"data": -1})
-  abstract, _ = param_shardings(cfg, mesh, rules, peft)
+  abstract, _ = param_shardings(cfg, mesh, rules, peft, read_head(workdir))
   trainable, frozen = split_trainable(abstract, peft)
   fields = {"params": trainable} if not frozen else {"params": trainable, "frozen": frozen}
   ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=1_000_000, async_save=False)
   try:
     extra = ckpt.restore_extra(step)
-    restored = ckpt.restore_fields(step, fields)
+    try:
+      restored = ckpt.restore_fields(step, fields)
+    except CheckpointError as e:
+      message = _lora_rank_mismatch(workdir, ckpt, step, trainable, peft)
+      if message is None:
+        raise
+      raise CheckpointError(message) from e
   finally:
     ckpt.close()
   params = _merge_trees(restored.get("frozen", {}), restored["params"])

@@ -1,0 +1,64 @@
+"""Reward-model configs: `--config=configs/reward.py:<preset>`.
+
+Presets:
+  hh_rlhf  the rank loss on ../shared/data/hh_rlhf_harmless_test_500.jsonl, 100 pairs held out;
+           with no `init` it first pretrains a small base on the training dialogues.
+  test     seconds-long run for tests (needs data.path).
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common, pretrain
+from configs.sft import peft_config
+
+
+def _base_pretrain_config() -> ConfigDict:
+  c = pretrain.get_config("tiny")
+  c.model.update(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=688)
+  c.data.update(vocab_size=4096, seq_len=256, eval_fraction=0.02)
+  c.train.update(steps=300, eval_every=100, checkpoint_every=150,
+                 sample_prompts=("\n\nHuman: How do I",), sample_tokens=24)
+  return c
+
+
+def base_config() -> ConfigDict:
+  return ConfigDict(dict(
+      stage="reward",
+      seed=0,
+      init="",  # an SFT/pretrain workdir or HF directory; '' = build a small base first
+      peft=peft_config(method="none"),
+      # long_prompts: "error" stops on a prompt of max_len tokens or more; "truncate" keeps its end.
+      data=ConfigDict(dict(path="", max_len=256, eval_count=100, long_prompts="error")),
+      loss=ConfigDict(dict(use_margin=False, center_coef=0.0)),
+      base=_base_pretrain_config(),
+      train=common.train_config(steps=300, global_batch=8, eval_every=50, log_every=10,
+                                eval_batch_size=8, max_eval_batches=13),
+      optimizer=common.optimizer_config(lr=1e-4, warmup_steps=20, weight_decay=0.0),
+      mesh=common.mesh_config(),
+  ))
+
+
+def _hh_rlhf(c: ConfigDict) -> None:
+  c.data.update(path="../shared/data/hh_rlhf_harmless_test_500.jsonl", long_prompts="truncate")
+
+
+def _test(c: ConfigDict) -> None:
+  c.data.update(max_len=64, eval_count=8, long_prompts="truncate")
+  c.base.model.update(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
+  c.base.data.update(vocab_size=600, seq_len=64)
+  c.base.train.update(steps=20, eval_every=0, checkpoint_every=20, sample_tokens=4)
+  c.base.optimizer.update(warmup_steps=2)
+  c.train.update(steps=20, eval_every=10, log_every=5, checkpoint_every=10, max_eval_batches=1)
+  c.optimizer.update(lr=1e-3, warmup_steps=2)
+
+
+PRESETS = {"hh_rlhf": _hh_rlhf, "test": _test}
+
+
+def get_config(preset: str = "hh_rlhf") -> ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r} for configs/reward.py; choose one of "
+                     f"{sorted(PRESETS)}")
+  c = base_config()
+  PRESETS[preset](c)
+  return c
