@@ -90,10 +90,10 @@ class BatchIterator:
     if start_position < 0:
       raise ConfigError(f"start_position={start_position} must be >= 0")
     if n_rows < global_batch:
-      seq_len = rows["inputs"].shape[1]
-      raise DataError(f"the corpus packs into {n_rows} rows of {seq_len} tokens, fewer than "
-                      f"global_batch={global_batch}: lower the batch size or seq_len, or add "
-                      "documents")
+      shape = next(iter(rows.values())).shape
+      raise DataError(f"the training data makes {n_rows} rows of shape {shape[1:]}, fewer than "
+                      f"global_batch={global_batch}: lower train.global_batch (or seq_len), or "
+                      "add data")
     self._rows = rows
     self._n_rows = n_rows
     self.global_batch = global_batch

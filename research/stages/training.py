@@ -40,6 +40,9 @@ class StageSpec:
   meta: dict = dataclasses.field(default_factory=dict)  # JSON saved in every checkpoint
   before_loop: Callable[[TrainState, int], None] | None = None  # (state, start step)
   lm_loss: bool = True  # report perplexity
+  # (tx, schedule) -> (state, batch) -> (state, metrics): a stage's own step (PPO) instead of
+  # the generic gradient step over `train_loss`.
+  make_step: Callable | None = None
 
 
 def overlay(fresh: Any, base: Any) -> Any:
@@ -47,6 +50,20 @@ def overlay(fresh: Any, base: Any) -> Any:
   if not isinstance(fresh, dict) or not isinstance(base, dict):
     return base
   return {k: overlay(v, base[k]) if k in base else v for k, v in fresh.items()}
+
+
+def _unaliased(tree: Any) -> Any:
+  """Copies of leaves that appear twice (one base feeding policy and reference, say): the state
+  is donated to the step, and one buffer cannot be donated twice."""
+  seen: set[int] = set()
+
+  def once(x):
+    if id(x) in seen:
+      return jax.numpy.copy(x)
+    seen.add(id(x))
+    return x
+
+  return jax.tree.map(once, tree)
 
 
 def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec, *, mesh: Mesh,
@@ -61,7 +78,7 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
     # Fresh params for what the base lacks (PEFT params, heads), the base's weights elsewhere.
     trainable, frozen = jax.jit(spec.init_fn, out_shardings=(shardings.params, shardings.frozen))(
         jax.random.PRNGKey(config.seed))
-    return overlay(trainable, spec.base_params), overlay(frozen, spec.base_params)
+    return _unaliased((overlay(trainable, spec.base_params), overlay(frozen, spec.base_params)))
 
   init_params = from_base if spec.base_params is not None else None
   state, start_step, extra = setup.start_state(
@@ -71,9 +88,9 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
     logging.info("resumed from step %d", start_step)
 
   b_sharding = batch_sharding(mesh, rules)
-  train_step = jit_train_step(
-      make_train_step(spec.train_loss, tx, schedule, config.train.micro_batches), shardings,
-      b_sharding)
+  step_fn = (spec.make_step(tx, schedule) if spec.make_step else
+             make_train_step(spec.train_loss, tx, schedule, config.train.micro_batches))
+  train_step = jit_train_step(step_fn, shardings, b_sharding)
   evaluate = None
   if spec.make_evaluator is not None:
     eval_step = jit_eval_step(make_eval_step(spec.eval_loss or spec.train_loss), shardings,

@@ -1,0 +1,86 @@
+"""PPO configs: `--config=configs/ppo.py:<preset>`.
+
+Presets:
+  hh_rlhf   PPO against a reward model trained on ../shared/data/hh_rlhf_harmless_test_500.jsonl,
+            prompts from the same file (held-out prompts for eval). With no `reward.model` it
+            trains the reward model first (configs/reward.py:hh_rlhf), and with no `init` the
+            policy starts from that reward model's base LM.
+  wordlist  the sanity task: reward = fraction of response tokens from a word list, on a small
+            code model pretrained here on the Python standard library.
+  test      seconds-long wordlist run for tests.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common, pretrain, reward
+from configs.sft import peft_config
+
+
+def base_config() -> ConfigDict:
+  return ConfigDict(dict(
+      stage="ppo",
+      seed=0,
+      init="",  # the policy's start (an SFT workdir or HF dir); '' = a base built here
+      peft=peft_config(method="none"),
+      reward=ConfigDict(dict(
+          model="",  # a reward-model workdir; '' = train one (reward_training) unless function
+          function="",  # 'wordlist': a programmatic reward instead of a model
+          words=("self", "return", "None", "if", "not", "in"),
+      )),
+      value=ConfigDict(dict(init="reward")),  # 'reward': RM weights + fresh head; 'policy'
+      data=ConfigDict(dict(path="", max_prompt_len=64, eval_count=16)),
+      sampling=ConfigDict(dict(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0,
+                               stop_tokens=())),
+      ppo=ConfigDict(dict(
+          kl_kind="k1", kl_coef=0.05, adaptive_kl=False, kl_target=6.0, kl_horizon=10000.0,
+          whiten_rewards=False, gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2,
+          vf_coef=0.1, epochs=4, minibatches=2, missing_eos_penalty=0.0,
+          kl_bound=10.0,  # drawn on the KL plot; the KL the run is expected to stay under
+      )),
+      base=pretrain.get_config("tiny"),
+      reward_training=reward.get_config("hh_rlhf"),
+      train=common.train_config(steps=60, global_batch=16, eval_every=10, log_every=5,
+                                checkpoint_every=20),
+      optimizer=common.optimizer_config(lr=1e-5, warmup_steps=0, weight_decay=0.0,
+                                        schedule="constant"),
+      mesh=common.mesh_config(),
+  ))
+
+
+def _hh_rlhf(c: ConfigDict) -> None:
+  c.data.path = "../shared/data/hh_rlhf_harmless_test_500.jsonl"
+  c.data.max_prompt_len = 96
+  c.sampling.max_new_tokens = 32
+  c.optimizer.lr = 3e-5
+
+
+def _wordlist(c: ConfigDict) -> None:
+  c.reward.function = "wordlist"
+  c.value.init = "policy"
+  c.data.update(path="", max_prompt_len=16, eval_count=16)
+  c.sampling.max_new_tokens = 16
+  c.ppo.update(kl_coef=0.02, epochs=4, minibatches=2)
+  c.optimizer.lr = 1e-4
+  c.train.update(steps=40, eval_every=10)
+
+
+def _test(c: ConfigDict) -> None:
+  _wordlist(c)
+  c.base = pretrain.get_config("test")
+  c.base.train.update(steps=40, eval_every=0, checkpoint_every=40, sample_tokens=4)
+  c.data.update(max_prompt_len=8, eval_count=8)
+  c.sampling.max_new_tokens = 8
+  c.train.update(steps=12, global_batch=8, eval_every=6, log_every=3, checkpoint_every=6)
+  c.optimizer.lr = 3e-4
+
+
+PRESETS = {"hh_rlhf": _hh_rlhf, "wordlist": _wordlist, "test": _test}
+
+
+def get_config(preset: str = "wordlist") -> ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r} for configs/ppo.py; choose one of "
+                     f"{sorted(PRESETS)}")
+  c = base_config()
+  PRESETS[preset](c)
+  return c
