@@ -57,11 +57,16 @@ def _hh_rlhf(c: ConfigDict) -> None:
 def _wordlist(c: ConfigDict) -> None:
   c.reward.function = "wordlist"
   c.value.init = "policy"
-  c.data.update(path="", max_prompt_len=16, eval_count=16)
-  c.sampling.max_new_tokens = 16
+  # A small code model is enough to learn which tokens pay: 150 steps on the stdlib corpus.
+  c.base = pretrain.get_config("test")
+  c.base.model.update(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=344)
+  c.base.data.update(stdlib_max_bytes=1_000_000, vocab_size=1024, tokenizer_train_bytes=1_000_000)
+  c.base.train.update(steps=150, eval_every=0, checkpoint_every=150, sample_tokens=8)
+  c.data.update(path="", max_prompt_len=12, eval_count=32)
+  c.sampling.max_new_tokens = 12
   c.ppo.update(kl_coef=0.02, epochs=4, minibatches=2)
-  c.optimizer.lr = 1e-4
-  c.train.update(steps=40, eval_every=10)
+  c.optimizer.lr = 1e-3
+  c.train.update(steps=40, global_batch=16, eval_every=10)
 
 
 def _test(c: ConfigDict) -> None:
@@ -70,8 +75,7 @@ def _test(c: ConfigDict) -> None:
   c.base.train.update(steps=40, eval_every=0, checkpoint_every=40, sample_tokens=4)
   c.data.update(max_prompt_len=8, eval_count=8)
   c.sampling.max_new_tokens = 8
-  c.train.update(steps=12, global_batch=8, eval_every=6, log_every=3, checkpoint_every=6)
-  c.optimizer.lr = 3e-4
+  c.train.update(steps=20, global_batch=8, eval_every=10, log_every=5, checkpoint_every=10)
 
 
 PRESETS = {"hh_rlhf": _hh_rlhf, "wordlist": _wordlist, "test": _test}

@@ -26,6 +26,9 @@ from research.stages.lm import merge_params
 from research.train.state import TrainState
 from research.train.step import accumulate_gradients
 
+# What the updates read from a rollout (per row, so minibatches can index them).
+UPDATE_KEYS = ("seq_bl", "seg_bl", "resp_br", "mask_br", "logp_br", "values_br", "advantages_br",
+               "returns_br")
 # (response tokens [B, R], response mask [B, R]) -> scores [B]: a programmatic reward.
 RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -132,7 +135,7 @@ def rollout(state: TrainState, batch: dict, rng, models: PPOModels, s: PPOSettin
   }
   return dict(seq_bl=seq_bl, seg_bl=seg_bl, resp_br=resp_br, mask_br=mask_br, logp_br=logp_br,
               values_br=values_br, advantages_br=advantages_br, returns_br=returns_br,
-              stats=stats)
+              stats=stats, scores_b=scores_b, ref_logp_br=ref_logp_br)
 
 
 def ppo_loss_fn(models: PPOModels, s: PPOSettings, prompt_len: int):
@@ -167,7 +170,7 @@ def make_ppo_step(models: PPOModels, s: PPOSettings, tx: optax.GradientTransform
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
     roll = rollout(state, batch, jax.random.fold_in(rng, 0), models, s)
-    data = {k: v for k, v in roll.items() if k != "stats"}
+    data = {k: v for k, v in roll.items() if k in UPDATE_KEYS}
     b = data["resp_br"].shape[0]
     if b % s.minibatches:
       raise ValueError(f"rollout batch {b} does not split into {s.minibatches} minibatches")

@@ -1,0 +1,97 @@
+"""Reward model and PPO on tiny models: the score index, the rollout's log-probs, a reward model
+that learns, PPO raising the word-list reward, and the tokenizer check."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.errors import ConfigError
+from research.models.config import ModelConfig
+from research.models.decoder import Decoder
+from research.models.heads import SCORE_HEAD, VALUE_HEAD, apply_with_head, init_with_head
+from research.models.peft import NO_PEFT
+from research.objectives.lm import token_nll
+from research.sampling import SamplingConfig, left_pad
+from research.stages.ppo import same_tokenizer
+from research.stages.ppo_step import PPOModels, PPOSettings, rollout
+from research.train.state import TrainState
+
+CFG = ModelConfig(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  mlp_dim=64)
+
+
+def _state():
+  unbox = nn.meta.unbox
+  policy = unbox(Decoder(CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  ref = unbox(Decoder(CFG).init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))["params"])
+  value = unbox(init_with_head(CFG, NO_PEFT, VALUE_HEAD, jax.random.PRNGKey(2)))
+  rm = unbox(init_with_head(CFG, NO_PEFT, SCORE_HEAD, jax.random.PRNGKey(3)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params={"policy": policy, "value": value},
+                    frozen={"policy": {}, "value": {}, "ref": ref, "reward": rm,
+                            "kl_coef": jnp.float32(0.1)},
+                    opt_state=None, rng=jax.random.PRNGKey(0))
+
+
+def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
+  """Left-padded prompts of different lengths, rows that stop early: every per-row quantity equals
+  a forward pass over that row alone, without padding."""
+  state = _state()
+  stop = 5
+  settings = PPOSettings(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0,
+                                                 stop_tokens=(stop,)), pad_id=0)
+  models = PPOModels(policy_cfg=CFG, peft=NO_PEFT, value_cfg=CFG, reward_cfg=CFG)
+  prompts = [[7, 8, 9, 10, 11], [12], [13, 14, 15]]
+  tokens, segments = left_pad(prompts, 0)
+  out = rollout(state, {"prompt_tokens": jnp.asarray(tokens),
+                        "prompt_segments": jnp.asarray(segments)}, jax.random.PRNGKey(5), models,
+                settings)
+  lengths = np.asarray(out["mask_br"]).sum(1)
+  resp = np.asarray(out["resp_br"])
+  for i, prompt in enumerate(prompts):
+    response = resp[i, :lengths[i]].tolist()
+    if lengths[i] < 6:
+      assert response[-1] == stop  # stopped early, on its stop token
+    seq = jnp.asarray([prompt + response])
+    score, _, _ = apply_with_head(state.frozen["reward"], CFG, SCORE_HEAD, seq)
+    np.testing.assert_allclose(out["scores_b"][i], score[0, -1], atol=1e-5)
+    logits, _ = Decoder(CFG).apply({"params": state.params["policy"]}, seq)
+    logp = -token_nll(logits[:, len(prompt) - 1:-1], seq[:, len(prompt):])
+    np.testing.assert_allclose(out["logp_br"][i, :lengths[i]], logp[0], atol=1e-5)
+    ref_logits, _ = Decoder(CFG).apply({"params": state.frozen["ref"]}, seq)
+    ref_logp = -token_nll(ref_logits[:, len(prompt) - 1:-1], seq[:, len(prompt):])
+    np.testing.assert_allclose(out["ref_logp_br"][i, :lengths[i]], ref_logp[0], atol=1e-5)
+  kl = np.sum((np.asarray(out["logp_br"]) - np.asarray(out["ref_logp_br"])) *
+              np.asarray(out["mask_br"]), axis=1)
+  np.testing.assert_allclose(out["stats"]["objective/kl"], kl.mean(), rtol=1e-5)
+  np.testing.assert_allclose(out["stats"]["objective/scores"], np.mean(out["scores_b"]),
+                             rtol=1e-6)
+
+
+def test_reward_model_tokenizer_must_match_policy(tmp_path):
+  from research.data.tokenizer import train_bpe_tokenizer
+  texts = ["def f(x):\n  return x + 1\n"] * 50 + ["hello world, hello there"] * 50
+  a = train_bpe_tokenizer(texts, 300, str(tmp_path / "a"))
+  b = train_bpe_tokenizer(texts[:50], 290, str(tmp_path / "b"))
+  same_tokenizer(a, a, "same")
+  with pytest.raises(ConfigError, match="tokenizer .* differs from the policy's"):
+    same_tokenizer(a, b, str(tmp_path / "b"))
+
+
+def test_ppo_raises_the_word_list_reward(tmp_path):
+  """The sanity task: 20 PPO steps on a tiny code model lift the held-out reward (the fraction of
+  response tokens from the word list) by at least 0.15 (seen: 0.06 -> 0.31 at 20 steps)."""
+  from configs.ppo import get_config
+  from research.stages import ppo
+  from research.train.metrics import read_metrics
+  out = ppo.run(get_config("test"), str(tmp_path))
+  evals = {m["step"]: m for m in read_metrics(tmp_path) if "eval/score" in m}
+  assert evals[20]["eval/score"] >= evals[0]["eval/score"] + 0.15, evals
+  assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
+  assert out["plot"] and (tmp_path / "ppo_curves.png").is_file()
+  train = [m for m in read_metrics(tmp_path) if "train/objective/kl" in m]
+  for key in ("objective/entropy", "objective/rlhf_reward", "policy/approxkl_avg",
+              "policy/clipfrac_avg", "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
+              "val/explained_variance", "response_length"):
+    assert f"train/{key}" in train[-1], key
