@@ -95,3 +95,29 @@ def test_ppo_raises_the_word_list_reward(tmp_path):
               "policy/clipfrac_avg", "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
               "val/explained_variance", "response_length"):
     assert f"train/{key}" in train[-1], key
+
+
+def test_reward_model_learns_a_preference(tmp_path):
+  """Pairs whose chosen answer is polite and rejected rude: held-out pair accuracy goes from about
+  chance to at least 0.9 within 30 steps (its own tiny base is pretrained first)."""
+  import json
+  from configs.reward import get_config
+  from research.stages import reward
+  from research.train.metrics import read_metrics
+  rng = np.random.default_rng(0)
+  topics = ["the weather", "my code", "a recipe", "the news", "a poem", "the garden", "music"]
+  path = tmp_path / "pairs.jsonl"
+  with open(path, "w") as f:
+    for i in range(160):
+      topic = topics[rng.integers(len(topics))]
+      f.write(json.dumps({"prompt": f"Tell me about {topic} ({i}).",
+                          "chosen": f" Gladly, here is a kind note on {topic}.",
+                          "rejected": f" No. Go away, {topic} is stupid."}) + "\n")
+  c = get_config("test")
+  c.data.update(path=str(path), eval_count=32)
+  c.train.update(steps=30, eval_every=30, max_eval_batches=4)
+  out = reward.run(c, str(tmp_path / "rm"))
+  evals = [m for m in read_metrics(tmp_path / "rm") if "eval/accuracy" in m]
+  assert evals[-1]["eval/accuracy"] >= 0.9, evals
+  assert evals[-1]["eval/margin"] > evals[0]["eval/margin"]
+  assert out["eval"]["eval/pairs"] == 32
