@@ -25,7 +25,7 @@ def _base_pretrain_config() -> ConfigDict:
   c = pretrain.get_config("tiny")
   c.model.update(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=688)
   c.data.update(vocab_size=6000, tokenizer_train_bytes=4_000_000, seq_len=256, eval_fraction=0.02)
-  c.train.update(steps=400, eval_every=100, checkpoint_every=200, sample_prompts=("嬛嬛",),
+  c.train.update(steps=300, eval_every=100, checkpoint_every=150, sample_prompts=("嬛嬛",),
                  sample_tokens=24)
   return c
 
