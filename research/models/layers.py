@@ -55,6 +55,49 @@ def apply_flat(layer: Callable[[jax.Array], jax.Array], x: jax.Array, feature_ax
   return y.reshape(lead + y.shape[1:])
 
 
+@jax.custom_vjp
+def softmax(x: jax.Array) -> jax.Array:
+  """`jax.nn.softmax` over the last axis, with a backward pass that keeps only its output.
+
+  Plain autodiff of `jax.nn.softmax` (its custom JVP is off by default) keeps the masked scores,
+  their exponentials and the output per layer: three [B, H, T, S] float32 arrays instead of one.
+  The forward is `jax.nn.softmax` itself; the gradient is torch's, y * (g - sum(g * y)).
+  """
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  y = jax.nn.softmax(x, axis=-1)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up, whose backward keeps only `gate` and `up` (autodiff keeps five arrays of
+  that size: gate, up and three pieces of silu)."""
+  return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(res, g):
+  gate, up = res
+  sig = jax.nn.sigmoid(gate)
+  return g * up * (sig * (1 + gate * (1 - sig))), g * (gate * sig)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def rotary_embedding(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in the Hugging Face half-rotation layout (first half pairs with second half)."""
   d = x_bthd.shape[-1]
@@ -145,7 +188,7 @@ class Attention(nn.Module):
     scores_bhts = jnp.einsum("bthd,bshd->bhts", q_bthd * scale, k_btkd,
                              preferred_element_type=jnp.float32)
     scores_bhts = jnp.where(mask_b1ts, scores_bhts, MASK_VALUE)
-    probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(cfg.compute_dtype)
+    probs_bhts = softmax(scores_bhts).astype(cfg.compute_dtype)
     out_bthd = jnp.einsum("bhts,bshd->bthd", probs_bhts, v_btkd.astype(cfg.compute_dtype))
     base = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
@@ -174,7 +217,7 @@ class MLP(nn.Module):
 
     gate_btf = dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "gate")
     up_btf = dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "up")
-    return dense(nn.silu(gate_btf) * up_btf, cfg.hidden_size, ("mlp", "embed"), "down")
+    return dense(swiglu(gate_btf, up_btf), cfg.hidden_size, ("mlp", "embed"), "down")
 
 
 class DecoderBlock(nn.Module):
