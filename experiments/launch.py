@@ -49,3 +49,22 @@ def run_main(stage_run: Callable, config) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0
+
+
+def main(stage: str, default_config: str) -> None:
+  """The whole of an entry point: `--config` (file:preset), the shared flags, then the stage's
+  `research.stages.<stage>.run(config, workdir, resume)`."""
+  import importlib  # pylint: disable=import-outside-toplevel
+
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config = config_flags.DEFINE_config_file(
+      "config", default_config, f"Config file and preset, e.g. {default_config}")
+
+  def run(argv):
+    del argv
+    stage_module = importlib.import_module(f"research.stages.{stage}")
+    sys.exit(run_main(stage_module.run, config.value))
+
+  app.run(run, flags_parser=parse_flags)
