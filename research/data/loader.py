@@ -33,27 +33,39 @@ def tokenize_corpus(texts: Sequence[str], tokenizer: transformers.PreTrainedToke
   return token_arrays
 
 
-def split_train_eval(documents: Sequence, eval_fraction: float,
-                     seed: int) -> tuple[list, list]:
-  """Holds out whole documents, before packing, so no document has text on both sides.
-
-  Picks `max(1, round(eval_fraction * n))` documents at random (from `seed`) for eval, none when
-  `eval_fraction` is 0; both parts keep the corpus order.
-  """
-  if not 0.0 <= eval_fraction < 1.0:
-    raise ConfigError(f"eval_fraction={eval_fraction} must lie in [0, 1)")
-  n = len(documents)
-  if eval_fraction == 0.0:
-    return list(documents), []
-  num_eval = max(1, round(eval_fraction * n))
+def holdout_split(items: Sequence, eval_fraction: float | None = None,
+                  eval_count: int | None = None, seed: int = 0,
+                  what: str = "the data", unit: str = "item") -> tuple[list, list]:
+  """Holds out whole items (documents, records) for eval before tokenization, so none has text on
+  both sides: `eval_count` of them, or `max(1, round(eval_fraction * n))` (none for 0), picked at
+  random from `seed`; give at most one of the two. Both parts keep the input order."""
+  if eval_fraction is not None and eval_count is not None:
+    raise ConfigError("give eval_fraction or eval_count, not both")
+  n = len(items)
+  if eval_count is not None:
+    if eval_count < 0:
+      raise ConfigError(f"eval_count={eval_count} must be >= 0")
+    num_eval = eval_count
+  else:
+    fraction = eval_fraction or 0.0
+    if not 0.0 <= fraction < 1.0:
+      raise ConfigError(f"eval_fraction={fraction} must lie in [0, 1)")
+    num_eval = max(1, round(fraction * n)) if fraction > 0 else 0
+  if num_eval == 0:
+    return list(items), []
   if num_eval >= n:
-    raise DataError(f"the corpus has {n} document(s): too few to hold out {num_eval} for eval "
-                    "and still train; add documents or set eval_fraction=0")
+    raise DataError(f"{what} has {n} {unit}(s): too few to hold out {num_eval} for eval and "
+                    f"still train; add {unit}s or lower eval_fraction/eval_count (0: no eval)")
   is_eval = np.zeros(n, bool)
   is_eval[np.random.default_rng(seed).permutation(n)[:num_eval]] = True
-  train = [d for d, e in zip(documents, is_eval) if not e]
-  held_out = [d for d, e in zip(documents, is_eval) if e]
-  return train, held_out
+  return ([x for x, e in zip(items, is_eval) if not e],
+          [x for x, e in zip(items, is_eval) if e])
+
+
+def split_train_eval(documents: Sequence, eval_fraction: float,
+                     seed: int) -> tuple[list, list]:
+  """Holds out whole documents before packing (see `holdout_split`)."""
+  return holdout_split(documents, eval_fraction, None, seed, "the corpus", "document")
 
 
 def pretraining_rows(texts: Sequence[str], tokenizer: transformers.PreTrainedTokenizerBase,

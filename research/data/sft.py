@@ -16,7 +16,7 @@ import transformers
 
 from research.data.chat_template import KNOWN_ROLES, render_segments
 from research.data.corpus import resolve_corpus_files
-from research.data.loader import tokenize_corpus
+from research.data.loader import holdout_split, tokenize_corpus
 from research.data.packing import empty_rows
 from research.errors import ConfigError, DataError
 
@@ -364,28 +364,5 @@ def _first_fit(lengths_e: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndar
 
 def split_records(records: Sequence[Record], eval_fraction: float | None = None,
                   eval_count: int | None = None, seed: int = 0) -> tuple[list, list]:
-  """Holds out whole records for eval, before tokenization: `eval_count` of them, or
-  `max(1, round(eval_fraction * n))` (none for 0), picked at random from `seed`; give at most one
-  of the two. Both parts keep the input order."""
-  if eval_fraction is not None and eval_count is not None:
-    raise ConfigError("give eval_fraction or eval_count, not both")
-  n = len(records)
-  if eval_count is not None:
-    if eval_count < 0:
-      raise ConfigError(f"eval_count={eval_count} must be >= 0")
-    num_eval = eval_count
-  else:
-    fraction = eval_fraction or 0.0
-    if not 0.0 <= fraction < 1.0:
-      raise ConfigError(f"eval_fraction={fraction} must lie in [0, 1)")
-    num_eval = max(1, round(fraction * n)) if fraction > 0 else 0
-  if num_eval == 0:
-    return list(records), []
-  if num_eval >= n:
-    raise DataError(f"the SFT data has {n} record(s): too few to hold out {num_eval} for eval and "
-                    "still train; add records or lower eval_fraction/eval_count")
-  is_eval = np.zeros(n, bool)
-  is_eval[np.random.default_rng(seed).permutation(n)[:num_eval]] = True
-  train = [r for r, e in zip(records, is_eval) if not e]
-  held_out = [r for r, e in zip(records, is_eval) if e]
-  return train, held_out
+  """Holds out whole records for eval, before tokenization (see `loader.holdout_split`)."""
+  return holdout_split(records, eval_fraction, eval_count, seed, "the SFT data", "record")

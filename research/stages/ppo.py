@@ -19,8 +19,6 @@ from research.errors import ConfigError
 from research.models.decoder import Decoder
 from research.models.heads import SCORE_HEAD, VALUE_HEAD, init_with_head
 from research.models.peft import NO_PEFT, split_trainable
-from research.parallel.distributed import check_global_batch
-from research.parallel.rules import batch_shard_count
 from research.sampling import SamplingConfig, left_pad
 from research.stages import pretrain, reward, setup
 from research.stages.ppo_step import PPOModels, PPOSettings, make_ppo_step, rollout, wordlist_reward
@@ -159,11 +157,7 @@ def _reward_model(config: ConfigDict, workdir: str):
 
 
 def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
-  setup.check_workdir(workdir, resume)
-  mesh, rules = setup.mesh_from(config), setup.rules_from(config)
-  check_global_batch(config.train.global_batch, config.train.micro_batches,
-                     batch_shard_count(mesh, rules))
+  mesh, rules = setup.prepare_run(config, workdir, resume)
   peft = peft_from(config.peft)
   if peft.method not in ("none", "lora"):
     raise ConfigError(f"PPO trains the policy fully or with LoRA; peft.method={peft.method!r}")

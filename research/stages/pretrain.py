@@ -13,8 +13,6 @@ from research.data import corpus as corpus_lib
 from research.data import loader, stdlib_corpus
 from research.data import tokenizer as tokenizer_lib
 from research.errors import ConfigError
-from research.parallel.distributed import check_global_batch
-from research.parallel.rules import batch_shard_count
 from research.stages import setup
 from research.stages.lm import train_lm
 from research.train import workdir as wd
@@ -51,11 +49,7 @@ def prepare_tokenizer(config: ConfigDict, workdir: str, texts: list[str],
 
 def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any]:
   """Trains and returns a summary (final train/eval loss, samples)."""
-  os.makedirs(workdir, exist_ok=True)
-  setup.check_workdir(workdir, resume)
-  mesh, rules = setup.mesh_from(config), setup.rules_from(config)
-  check_global_batch(config.train.global_batch, config.train.micro_batches,
-                     batch_shard_count(mesh, rules))
+  mesh, rules = setup.prepare_run(config, workdir, resume)
 
   init_cfg = init_params = init_tok = None
   resuming = resume and wd.is_workdir(workdir)

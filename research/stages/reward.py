@@ -3,7 +3,6 @@ loss over all ordered pairs of each prompt's completions (each completion forwar
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -20,8 +19,6 @@ from research.models.config import ModelConfig
 from research.models.heads import SCORE_HEAD, apply_with_head, gather_last, init_with_head
 from research.models.peft import NO_PEFT, PeftConfig, split_trainable
 from research.objectives.ranking import pair_metrics, rank_loss, reward_centering
-from research.parallel.distributed import check_global_batch
-from research.parallel.rules import batch_shard_count
 from research.stages import setup
 from research.stages.base_model import build_base
 from research.stages.lm import merge_params
@@ -106,11 +103,7 @@ def preference_texts(records: list[dict]) -> list[str]:
 
 
 def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
-  setup.check_workdir(workdir, resume)
-  mesh, rules = setup.mesh_from(config), setup.rules_from(config)
-  check_global_batch(config.train.global_batch, config.train.micro_batches,
-                     batch_shard_count(mesh, rules))
+  mesh, rules = setup.prepare_run(config, workdir, resume)
   peft = peft_from(config.peft) if "peft" in config else NO_PEFT
   if peft.method not in ("none", "lora"):
     raise ConfigError(f"the reward model trains fully or with LoRA; peft.method={peft.method!r}")

@@ -14,7 +14,8 @@ from ml_collections import ConfigDict
 from research.errors import ConfigError, UserError
 from research.models.config import ModelConfig
 from research.parallel.mesh import make_mesh
-from research.parallel.rules import DEFAULT_RULES, Rules
+from research.parallel.distributed import check_global_batch
+from research.parallel.rules import DEFAULT_RULES, Rules, batch_shard_count
 from research.train import workdir as wd
 from research.train.checkpoints import Checkpointer
 from research.train.metrics import MetricsWriter, ProgressLogger, save_config
@@ -31,6 +32,17 @@ def rules_from(config: ConfigDict) -> Rules:
     raise ConfigError(f"mesh.rules names unknown logical axes {unknown}; known: {sorted(table)}")
   table.update(overrides)
   return tuple(table.items())
+
+
+def prepare_run(config: ConfigDict, workdir: str, resume: bool) -> tuple[Mesh, Rules]:
+  """What every stage checks first: the workdir (never clobbered), the mesh and its rules, and a
+  global batch that splits over micro-batches, batch shards and processes."""
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir(workdir, resume)
+  mesh, rules = mesh_from(config), rules_from(config)
+  check_global_batch(config.train.global_batch, config.train.micro_batches,
+                     batch_shard_count(mesh, rules))
+  return mesh, rules
 
 
 def mesh_from(config: ConfigDict) -> Mesh:

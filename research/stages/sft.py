@@ -6,7 +6,6 @@ text, in `<workdir>/base`, so a preset runs from a fresh clone with nothing else
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,6 @@ from research.data import sft as sft_data
 from research.data import tokenizer as tokenizer_lib
 from research.errors import ConfigError
 from research.models.peft import PeftConfig
-from research.parallel.distributed import check_global_batch
-from research.parallel.rules import batch_shard_count
 from research.stages import setup
 from research.stages.base_model import build_base
 from research.stages.lm import train_lm
@@ -42,11 +39,7 @@ def response_start(loss_on: np.ndarray) -> int:
 
 
 def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any]:
-  os.makedirs(workdir, exist_ok=True)
-  setup.check_workdir(workdir, resume)
-  mesh, rules = setup.mesh_from(config), setup.rules_from(config)
-  check_global_batch(config.train.global_batch, config.train.micro_batches,
-                     batch_shard_count(mesh, rules))
+  mesh, rules = setup.prepare_run(config, workdir, resume)
   peft = peft_from(config.peft)
   if peft.method == "prompt" and config.data.pack:
     raise ConfigError("peft.method='prompt' prepends the soft prompt to each row: set "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 from absl import logging
 from jax.sharding import Mesh
@@ -78,6 +79,9 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
     # Fresh params for what the base lacks (PEFT params, heads), the base's weights elsewhere.
     trainable, frozen = jax.jit(spec.init_fn, out_shardings=(shardings.params, shardings.frozen))(
         jax.random.PRNGKey(config.seed))
+    # Unboxed: the fresh params come back in their logical-axis boxes, which the state would
+    # otherwise keep (checkpointed as `<param>/value`, so no LoRA run could be loaded or resumed).
+    trainable, frozen = nn.meta.unbox((trainable, frozen))
     return _unaliased((overlay(trainable, spec.base_params), overlay(frozen, spec.base_params)))
 
   init_params = from_base if spec.base_params is not None else None
