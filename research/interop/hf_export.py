@@ -1,22 +1,23 @@
 """Write this decoder's params as a Hugging Face checkpoint that `AutoModelForCausalLM` loads.
 
-Tensors are converted one at a time and each shard file is written from a dict of its own tensors
-only, into a temporary directory that is renamed into place once complete.
+Tensors are converted and written one at a time (safetensors files are streamed, never built in
+memory), into a temporary directory that is renamed into place once complete.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
 import shutil
+import struct
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from research.errors import CheckpointError, ConfigError
 from research.interop.hf_config import hf_config_from_model_config
@@ -37,9 +38,26 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
   return tree
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _to_hf_on_device(spec: TensorSpec, x: jax.Array, layer: jax.Array | None) -> jax.Array:
+  """One HF tensor from a param: layer `layer` of a stacked leaf (traced: one compile per leaf
+  shape, not per layer), in the HF layout."""
+  if layer is not None:
+    x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False)
+  return to_hf_layout(spec, x)
+
+
+class _Source(NamedTuple):
+  """One HF tensor to write: `produce()` makes it on the host only when its turn comes."""
+  name: str
+  shape: tuple[int, ...]
+  nbytes: int
+  produce: Callable[[], np.ndarray]
+
+
 def _tensor_sources(params: Params, cfg: ModelConfig, specs: list[TensorSpec], np_dtype: np.dtype,
-                    zero_bias: bool) -> list[tuple[str, int, Callable[[], np.ndarray]]]:
-  """(HF name, bytes, producer) per tensor; a producer copies one tensor to host when called."""
+                    zero_bias: bool) -> list[_Source]:
+  """One source per HF tensor, in transformers' order; nothing is copied to host yet."""
   scanned = "layers" in params
   sources = []
   for spec in specs:
@@ -63,46 +81,82 @@ def _tensor_sources(params: Params, cfg: ModelConfig, specs: list[TensorSpec], n
       def produce(spec=spec, i=i, fake=fake, layer_path=layer_path) -> np.ndarray:
         if fake:  # qwen2 always has q/k/v biases; zeros are exactly "no bias"
           return np.zeros(spec.hf_shape, np_dtype)
-        if not spec.per_layer:
-          x = _get(params, spec.path)
-        elif scanned:
-          x = _get(params, spec.path)[i]  # slices on device: one layer crosses to host
+        layer = i if spec.per_layer and scanned else None
+        x = _get(params[f"layers_{i}"], layer_path) if spec.per_layer and not scanned else (
+            _get(params, spec.path))
+        if isinstance(x, jax.Array):
+          # The layer slice and the layout change run on device into a temporary, so only that
+          # one tensor crosses to host, and no host copy stays cached on the param itself.
+          x = np.asarray(_to_hf_on_device(spec, x, None if layer is None else np.int32(layer)))
         else:
-          x = _get(params[f"layers_{i}"], layer_path)
-        # Cast first (in numpy, round-to-nearest-even like torch), then lay out contiguously.
-        x = np.asarray(jax.device_get(x))
-        return np.ascontiguousarray(to_hf_layout(spec, x), dtype=np_dtype)
-      sources.append((name, nbytes, produce))
+          x = to_hf_layout(spec, np.asarray(x if layer is None else x[layer]))
+        # The cast is numpy's (round-to-nearest-even, as torch's); a no-op when already float32.
+        return np.ascontiguousarray(x, dtype=np_dtype)
+      sources.append(_Source(name, spec.hf_shape, nbytes, produce))
   return sources
 
 
-def _plan_shards(sources: list, max_shard_bytes: int) -> list[list]:
-  shards: list[list] = [[]]
+def _plan_shards(sources: list[_Source], max_shard_bytes: int) -> list[list[_Source]]:
+  shards: list[list[_Source]] = [[]]
   size = 0
   for source in sources:
-    if shards[-1] and size + source[1] > max_shard_bytes:
+    if shards[-1] and size + source.nbytes > max_shard_bytes:
       shards.append([])
       size = 0
     shards[-1].append(source)
-    size += source[1]
+    size += source.nbytes
   return shards
 
 
-def _write_weights(tmp: pathlib.Path, sources: list, max_shard_bytes: int) -> None:
+# safetensors' names for the export dtypes (its header spells dtypes this way).
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _write_safetensors(path: pathlib.Path, sources: list[_Source], np_dtype: np.dtype,
+                       metadata: Mapping[str, str]) -> None:
+  """Writes the file `safetensors.numpy.save_file` would (byte for byte), one tensor at a time.
+
+  save_file needs every tensor of the file alive at once, which for a single-file export is a
+  second copy of the whole model on the host; here the header is written from the shapes alone
+  and each tensor is dropped once its bytes are out, so the host holds one tensor at a time.
+  """
+  # save_file's order and header: tensors sorted by name (one dtype per file), compact JSON with
+  # __metadata__ first, space-padded to a multiple of 8 bytes so the data starts aligned.
+  ordered = sorted(sources, key=lambda s: s.name)
+  header: dict[str, Any] = {"__metadata__": dict(metadata)}
+  offset = 0
+  for source in ordered:
+    header[source.name] = {"dtype": _SAFETENSORS_DTYPES[np_dtype.name],
+                           "shape": list(source.shape),
+                           "data_offsets": [offset, offset + source.nbytes]}
+    offset += source.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for source in ordered:
+      x = source.produce()
+      if x.shape != source.shape or x.dtype != np_dtype or not x.flags.c_contiguous:
+        raise CheckpointError(f"tensor {source.name} came out {x.dtype}{list(x.shape)}, expected "
+                              f"a contiguous {np_dtype}{list(source.shape)}")
+      f.write(memoryview(x.reshape(-1).view(np.uint8)))
+      del x  # before the next tensor is made
+
+
+def _write_weights(tmp: pathlib.Path, sources: list[_Source], max_shard_bytes: int,
+                   np_dtype: np.dtype) -> None:
   shards = _plan_shards(sources, max_shard_bytes)
   metadata = {"format": "pt"}
   if len(shards) == 1:
-    save_file({name: produce() for name, _, produce in shards[0]}, str(tmp / WEIGHTS_NAME),
-              metadata=metadata)
+    _write_safetensors(tmp / WEIGHTS_NAME, shards[0], np_dtype, metadata)
     return
   weight_map: dict[str, str] = {}
   for k, shard in enumerate(shards):
     filename = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-    tensors = {name: produce() for name, _, produce in shard}
-    save_file(tensors, str(tmp / filename), metadata=metadata)
-    del tensors  # one shard at a time on the host
-    weight_map.update({name: filename for name, _, _ in shard})
-  index = {"metadata": {"total_size": sum(s[1] for s in sources)}, "weight_map": weight_map}
+    _write_safetensors(tmp / filename, shard, np_dtype, metadata)
+    weight_map.update({source.name: filename for source in shard})
+  index = {"metadata": {"total_size": sum(s.nbytes for s in sources)}, "weight_map": weight_map}
   (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
@@ -180,7 +234,8 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
     params = params["params"]
   zero_bias = arch == "qwen2" and not cfg.attention_bias
   specs = tensor_layout(cfg, attention_bias=cfg.attention_bias or zero_bias)
-  sources = _tensor_sources(params, cfg, specs, np.dtype(jax.numpy.dtype(dtype)), zero_bias)
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  sources = _tensor_sources(params, cfg, specs, np_dtype, zero_bias)
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -193,7 +248,7 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
       _save_tokenizer(tokenizer, tmp, cfg)
-    _write_weights(tmp, sources, max_shard_bytes)
+    _write_weights(tmp, sources, max_shard_bytes, np_dtype)
     _install(tmp, out_dir, overwrite)
   finally:
     if tmp.exists():
