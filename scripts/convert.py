@@ -2,7 +2,13 @@
 
   python -m scripts.convert to-hf WORKDIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
                                   [--architecture llama|qwen2|mistral] [--max-shard-bytes B]
+  python -m scripts.convert to-peft WORKDIR OUT_DIR [--base-dir BASE_OUT] [--step N] [--overwrite]
+                                    [--dtype bfloat16] [--architecture llama|qwen2|mistral]
   python -m scripts.convert from-hf HF_DIR WORKDIR
+
+to-hf writes a LoRA run with its adapters merged into the weights; to-peft writes them as a PEFT
+adapter dir beside the frozen base (in OUT_DIR/base, or --base-dir: exported there when missing,
+referenced when it already holds this run's base).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from research.errors import UserError
 
 def to_hf(args: argparse.Namespace) -> None:
   from research.interop.hf_export import export_hf
-  from research.train.workdir import load_model
+  from research.train.workdir import load_model, read_peft_config
 
+  # load_model merges LoRA into the kernels (and refuses prompt tuning / adapters).
   cfg, params, tokenizer_dir, _ = load_model(args.workdir, step=args.step)
   out = export_hf(params, cfg, args.out_dir, architecture=args.architecture, dtype=args.dtype,
                   tokenizer=tokenizer_dir, max_shard_bytes=args.max_shard_bytes,
@@ -27,7 +34,27 @@ def to_hf(args: argparse.Namespace) -> None:
   with open(os.path.join(out, "config.json")) as f:
     arch = json.load(f)["model_type"]
   step = "latest" if args.step is None else args.step
-  print(f"wrote {out} ({arch}, {args.dtype}) from {args.workdir} step {step}")
+  merged = " with LoRA merged" if read_peft_config(args.workdir).method == "lora" else ""
+  print(f"wrote {out} ({arch}, {args.dtype}{merged}) from {args.workdir} step {step}")
+
+
+def to_peft(args: argparse.Namespace) -> None:
+  from research.errors import CheckpointError
+  from research.interop.peft_export import export_peft
+  from research.train.workdir import load_run, read_model_config, read_peft_config
+
+  read_model_config(args.workdir)  # a path that is no run dir is reported as such
+  method = read_peft_config(args.workdir).method
+  if method != "lora":
+    raise CheckpointError(f"{args.workdir} was trained with peft.method={method!r}: to-peft "
+                          "writes LoRA adapters only; use to-hf for a full fine-tune")
+  cfg, peft, params, tokenizer_dir, _ = load_run(args.workdir, step=args.step)
+  out, base = export_peft(params, cfg, peft, args.out_dir, base_dir=args.base_dir,
+                          architecture=args.architecture, dtype=args.dtype,
+                          tokenizer=tokenizer_dir, overwrite=args.overwrite)
+  step = "latest" if args.step is None else args.step
+  print(f"wrote {out} (LoRA r={peft.r}, {args.dtype}) on base {base} from {args.workdir} step "
+        f"{step}")
 
 
 def from_hf(args: argparse.Namespace) -> None:
@@ -70,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9)
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   p.set_defaults(func=to_hf)
+  p = sub.add_parser("to-peft", help="LoRA run -> PEFT adapter dir (+ its exported base)")
+  p.add_argument("workdir")
+  p.add_argument("out_dir")
+  p.add_argument("--base-dir", default=None,
+                 help="where the base goes (default OUT_DIR/base); an existing export of this "
+                      "run's base is referenced, not rewritten")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral"),
+                 help="of the base; default: the one the model was imported from, else llama")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+  p.set_defaults(func=to_peft)
   p = sub.add_parser("from-hf", help="Hugging Face dir -> new run directory (step-0 checkpoint)")
   p.add_argument("hf_dir")
   p.add_argument("workdir")
