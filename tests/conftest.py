@@ -13,6 +13,12 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+try:  # torch runs tiny reference models here; its thread pool only adds contention on 2 cores
+  import torch  # noqa: E402
+  torch.set_num_threads(1)
+except ImportError:
+  pass
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

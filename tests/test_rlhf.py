@@ -121,3 +121,34 @@ def test_reward_model_learns_a_preference(tmp_path):
   assert evals[-1]["eval/accuracy"] >= 0.9, evals
   assert evals[-1]["eval/margin"] > evals[0]["eval/margin"]
   assert out["eval"]["eval/pairs"] == 32
+  _check_sequence_classifier_export(tmp_path, path)
+
+
+def _check_sequence_classifier_export(tmp_path, pairs_path):
+  """`scripts/convert.py to-hf` of the reward workdir gives LlamaForSequenceClassification, which
+  scores every completion (right-padded batch) as the reward model does here, to 1e-4."""
+  import subprocess
+  import sys
+  import torch
+  import transformers
+  from research.data import preferences
+  from research.data.tokenizer import load_tokenizer
+  from research.stages.reward import completion_scores
+  from research.train.workdir import load_run
+  out_dir = tmp_path / "rm_hf"
+  subprocess.run([sys.executable, "scripts/convert.py", "to-hf", str(tmp_path / "rm"),
+                  str(out_dir)], check=True, capture_output=True, timeout=300)
+  cfg, peft, params, tok_dir, _ = load_run(str(tmp_path / "rm"))
+  tokenizer = load_tokenizer(tok_dir)
+  records = preferences.read_preference_records(str(pairs_path))[:6]
+  arrays, _ = preferences.tokenize_preferences(records, tokenizer, 64, "truncate")
+  ours = np.asarray(completion_scores(params, cfg, peft, {k: jnp.asarray(v) for k, v in
+                                                         arrays.items()}))
+  model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out_dir))
+  assert type(model).__name__ == "LlamaForSequenceClassification"
+  assert model.config.pad_token_id == tokenizer.pad_token_id
+  tokens = torch.tensor(arrays["tokens_bkt"].reshape(-1, 64), dtype=torch.long)
+  mask = torch.tensor(arrays["segment_ids_bkt"].reshape(-1, 64) > 0, dtype=torch.long)
+  with torch.no_grad():
+    theirs = model(input_ids=tokens, attention_mask=mask).logits[:, 0].numpy().reshape(ours.shape)
+  np.testing.assert_allclose(theirs, ours, atol=1e-4)

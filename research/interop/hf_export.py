@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from research.errors import CheckpointError, ConfigError
+from research.models.heads import SCORE_HEAD
 from research.interop.hf_config import hf_config_from_model_config
 from research.interop.hf_import import (INDEX_NAME, WEIGHTS_NAME, TensorSpec, hf_names,
                                         tensor_layout, to_hf_layout)
@@ -208,6 +209,18 @@ def _install(tmp: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+def _as_sequence_classifier(hf_config: dict, cfg: ModelConfig) -> None:
+  """Turns a causal-LM config.json into transformers' one-label sequence classifier's."""
+  if cfg.pad_token_id is None:
+    raise CheckpointError("a reward model exports as *ForSequenceClassification, which finds each "
+                          "row's last token by pad_token_id: the model config has none; set "
+                          "pad_token_id in model_config.json")
+  hf_config["architectures"] = [hf_config["architectures"][0].replace("ForCausalLM",
+                                                                      "ForSequenceClassification")]
+  hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+                   pad_token_id=cfg.pad_token_id)
+
+
 def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
               architecture: str | None = None, dtype: str = "float32", tokenizer: Any = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
@@ -235,7 +248,16 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
   zero_bias = arch == "qwen2" and not cfg.attention_bias
   specs = tensor_layout(cfg, attention_bias=cfg.attention_bias or zero_bias)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  score = params.get(SCORE_HEAD)
+  if score is not None:  # a reward model: <Arch>ForSequenceClassification, `score` for `lm_head`
+    _as_sequence_classifier(hf_config, cfg)
+    specs = [spec for spec in specs if spec.path != ("lm_head", "kernel")]
   sources = _tensor_sources(params, cfg, specs, np_dtype, zero_bias)
+  if score is not None:
+    kernel = score["dense"]["kernel"]  # [E, 1]
+    sources.append(_Source(
+        "score.weight", (1, cfg.hidden_size), cfg.hidden_size * np_dtype.itemsize,
+        lambda: np.ascontiguousarray(np.asarray(kernel).T, dtype=np_dtype)))
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
