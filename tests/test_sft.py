@@ -37,8 +37,8 @@ QUESTIONS = ["What color is the {t}?", "Tell me the colour of the {t}.",
              "Which color does the {t} have?", "Name the color of the {t}."]
 METHOD_STEPS = 4
 LORA_STEPS = 30
-# A stated bar: LoRA (r=8, every projection) cuts the held-out response loss by at least this
-# fraction in LORA_STEPS steps (measured: about 0.5; a broken LoRA path moves it by ~0.05).
+# The stated bar: LoRA (r=8, every projection, lr 1e-2) cuts the held-out response loss by at
+# least this fraction in LORA_STEPS steps (measured: 3.77 -> 1.35, a 64% cut).
 LORA_MIN_LOSS_DROP = 0.3
 
 
