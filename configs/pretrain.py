@@ -66,3 +66,13 @@ def get_config(preset: str = "tiny") -> ConfigDict:
                      f"{sorted(PRESETS)}")
   PRESETS[preset](c)
   return c
+
+
+# Sweeps for `scripts/sweep.py --config=configs/pretrain.py:<preset> --sweep=<name>`; the schema is
+# in research/sweeps.py.
+SWEEPS = {
+    "lr_batch": {"grid": {"optimizer.lr": [1e-3, 3e-3], "train.global_batch": [8, 16]}},
+    "lr_warmup_random": {"random": {"n": 8, "params": {
+        "optimizer.lr": {"log_uniform": [3e-4, 1e-2]},
+        "optimizer.warmup_steps": {"choice": [5, 20, 50]}}}, "seed": 0},
+}

@@ -87,3 +87,11 @@ def get_config(preset: str = "huanhuan_lora") -> ConfigDict:
   c = base_config()
   PRESETS[preset](c)
   return c
+
+
+# Sweeps for `scripts/sweep.py --config=configs/sft.py:<preset> --sweep=<name>` (schema in
+# research/sweeps.py). Pass `--extra='--config.init=DIR'` so trials share one base model instead of
+# each building its own.
+SWEEPS = {
+    "lr_rank": {"grid": {"optimizer.lr": [1e-4, 3e-4], "peft.r": [4, 8]}, "seed": 0},
+}
