@@ -5,7 +5,7 @@ runs the same `python -m experiments.pretrain --config=configs/plan_llama3_70b_v
 
 Mesh fsdp=16 x tensor=4: weights and AdamW state sharded 64 ways (16 bytes/param -> ~17.6 GB per
 chip); heads and MLP split over 4 chips, so each chip holds a quarter of every layer's attention
-scores. 1M-token batches (256 rows of 4096) in 4 micro-batches; bfloat16 compute, full remat.
+scores. 1M-token batches (256 rows of 4096) in 8 micro-batches; bfloat16 compute, full remat.
 """
 
 from ml_collections import ConfigDict
@@ -17,7 +17,7 @@ def get_config() -> ConfigDict:
   c = pretrain.base_config()
   c.model = plan_models.llama3_70b(param_dtype="float32", remat_policy="full")
   c.data.update(seq_len=4096)
-  c.train.update(steps=10000, global_batch=256, micro_batches=4, eval_every=500,
+  c.train.update(steps=10000, global_batch=256, micro_batches=8, eval_every=500,
                  checkpoint_every=500)
   c.optimizer.update(lr=1.5e-4, warmup_steps=500, weight_decay=0.1)
   c.mesh.update(data=1, fsdp=16, tensor=4)

@@ -1,4 +1,4 @@
-"""Model sections of real-size Llama-3 family decoders, shared by the `configs/plan_*.py` configs."""
+"""Model sections of real-size Llama-3 family decoders, shared by the configs/plan_*.py configs."""
 
 from ml_collections import ConfigDict
 

@@ -278,7 +278,8 @@ def _memory(state: TrainState, compiled, rows: int, seq_len: int, estimate: dict
   parts.update(temps=xla["temp_size_in_bytes"],
                total=xla["argument_size_in_bytes"] + xla["temp_size_in_bytes"] +
                xla["output_size_in_bytes"] - xla["alias_size_in_bytes"])
-  return parts, xla, "XLA memory analysis of the compiled step (arguments + temps + outputs not aliased)"
+  return parts, xla, ("XLA memory analysis of the compiled step (arguments + temps + outputs "
+                      "not aliased)")
 
 
 def plan_step(config: ConfigDict, accelerator: str | Accelerator, devices: int | None = None,
@@ -293,7 +294,8 @@ def plan_step(config: ConfigDict, accelerator: str | Accelerator, devices: int |
   mesh = make_mesh({a: config.mesh[a] for a in ("data", "fsdp", "tensor")}, available[:n])
   rules = setup.rules_from(config)
   cfg, peft = model_and_peft(config)
-  gb, micro, seq = int(config.train.global_batch), int(config.train.micro_batches), seq_len_of(config)
+  gb, micro = int(config.train.global_batch), int(config.train.micro_batches)
+  seq = seq_len_of(config)
   shards = batch_shard_count(mesh, rules)
   if gb % (micro * shards):
     raise ConfigError(f"train.global_batch={gb} is not divisible by micro_batches={micro} x the "

@@ -1,5 +1,5 @@
-"""Sweeps over any config field: the spec (grid product and/or seeded random samples), trials as
-separate runs launched N at a time (resumable), emitted command lines / a SLURM array, and results.
+"""Sweeps over any config field: the spec (grid and/or seeded random draws) and its trials, each a
+separate run of the stage's entry point, N at a time and resumable (scripts/sweep.py: CLI, report).
 
 A config file declares its sweeps beside its presets:
 
@@ -11,8 +11,7 @@ A config file declares its sweeps beside its presets:
       "fixed": {"train.steps": 100},                                     # every trial
       "seed": 0}}
 
-With both, each grid point is combined with `n` random draws (grid x n trials); with only `random`,
-`n` trials. Draws depend on `seed` only, so the same spec gives the same trials.
+Each grid point gets `n` random draws (grid x n trials; only `random`: n trials), from `seed`.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -85,10 +85,15 @@ def _draw(rng: np.random.Generator, dist: Mapping[str, Any], like: Any) -> Any:
   if kind == "choice":
     return arg[int(rng.integers(len(arg)))]
   lo, hi = float(arg[0]), float(arg[1])
-  x = rng.uniform(lo, hi) if kind == "uniform" else math.exp(rng.uniform(math.log(lo), math.log(hi)))
+  if kind == "log_uniform":
+    x = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+  else:
+    x = rng.uniform(lo, hi)
   # An integer field (steps, rank) gets an integer; floats are rounded to 6 significant digits
   # so command lines and tables stay readable.
-  return int(round(x)) if isinstance(like, int) and not isinstance(like, bool) else float(f"{x:.6g}")
+  if isinstance(like, int) and not isinstance(like, bool):
+    return int(round(x))
+  return float(f"{x:.6g}")
 
 
 def expand(spec: Mapping[str, Any], base: ConfigDict | None = None) -> list[Trial]:
@@ -145,36 +150,6 @@ def override_args(overrides: Mapping[str, Any]) -> list[str]:
   return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
 
 
-def split_config_ref(config_ref: str) -> tuple[str, str | None]:
-  path, _, preset = config_ref.partition(":")
-  return path, preset or None
-
-
-def load_sweeps(config_ref: str) -> dict[str, Any]:
-  """The SWEEPS dict of a config file ({} when it has none)."""
-  path, _ = split_config_ref(config_ref)
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path!r} not found")
-  module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return dict(getattr(module, "SWEEPS", {}))
-
-
-def get_spec(config_ref: str, sweep: str) -> dict[str, Any]:
-  """`sweep` names an entry of the file's SWEEPS, or is a JSON spec itself (starts with '{')."""
-  if sweep.lstrip().startswith("{"):
-    try:
-      return json.loads(sweep)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"--sweep is not valid JSON: {e}") from e
-  sweeps = load_sweeps(config_ref)
-  if sweep not in sweeps:
-    raise ConfigError(f"no sweep {sweep!r} in {split_config_ref(config_ref)[0]}; its SWEEPS are "
-                      f"{sorted(sweeps) or 'none'}")
-  return sweeps[sweep]
-
-
 def resolve_config(config_ref: str, args: Sequence[str] = ()) -> ConfigDict:
   """The config exactly as an entry point gets it from `--config=config_ref` and `args`."""
   argv = ["sweep", f"--config={config_ref}", *args]
@@ -221,7 +196,7 @@ def read_json(path: str) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  except (OSError, json.JSONDecodeError):
+  except (OSError, json.JSONDecodeError):  # absent, or being written by a crashed run
     return {}
 
 
@@ -261,27 +236,44 @@ def tail(path: str, lines: int = 20) -> str:
 Launcher = Callable[[list[str], str], int]
 
 
-def subprocess_launcher(timeout_s: float = 0, env: Mapping[str, str] | None = None) -> Launcher:
-  """Runs a trial as a child process in its own session. Past `timeout_s` the whole process group
-  gets SIGKILL (jax.distributed catches SIGTERM)."""
+class SubprocessLauncher:
+  """Runs a trial as a child process in its own session. Past `timeout_s` its whole process group
+  gets SIGKILL (jax.distributed catches SIGTERM); `kill_all` does the same to every running one."""
 
-  def launch(command: list[str], trial_dir: str) -> int:
+  def __init__(self, timeout_s: float = 0, env: Mapping[str, str] | None = None):
+    self.timeout_s, self.env = timeout_s, env
+    self._running: set[subprocess.Popen] = set()
+    self._lock = threading.Lock()
+
+  def __call__(self, command: list[str], trial_dir: str) -> int:
     with open(os.path.join(trial_dir, "stdout.log"), "w") as out, \
          open(os.path.join(trial_dir, "stderr.log"), "w") as err:
       proc = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True,
-                              env=dict(env) if env is not None else None)
+                              env=dict(self.env) if self.env is not None else None)
+      with self._lock:
+        self._running.add(proc)
       try:
-        return proc.wait(timeout=timeout_s or None)
+        return proc.wait(timeout=self.timeout_s or None)
       except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        err.write(f"\nerror: trial killed after the {timeout_s:g} s --trial_timeout\n")
+        _kill(proc)
+        err.write(f"\nerror: trial killed after the {self.timeout_s:g} s --trial_timeout\n")
         return -signal.SIGKILL
-      except BaseException:  # Ctrl-C: leave no orphaned trial behind
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+      finally:
+        with self._lock:
+          self._running.discard(proc)
 
-  return launch
+  def kill_all(self) -> None:
+    with self._lock:
+      for proc in list(self._running):
+        _kill(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+  try:
+    os.killpg(proc.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  proc.wait()
 
 
 @dataclasses.dataclass
@@ -290,8 +282,10 @@ class Sweep:
   config_ref: str
   workdir: str
   spec: dict
+  extra: list[str]  # arguments every trial gets
   trials: list[Trial]
   commands: list[list[str]]
+  configs: dict[int, dict]  # trial index -> resolved config
   resolve_errors: dict[int, str]  # trial index -> bad override message
 
   def trial_dir(self, trial: Trial) -> str:
@@ -310,21 +304,22 @@ def prepare(config_ref: str, spec: Mapping[str, Any], workdir: str, extra: Seque
     raise ConfigError(f"--extra sets swept fields {clash}; sweep them or fix them, not both")
   module = stage_module(base)
   workdir = os.path.abspath(workdir)
-  commands, errors = [], {}
+  sweep = Sweep(config_ref, workdir, dict(spec), list(extra), trials, [], {}, {})
   for t in trials:
     try:
-      resolve_config(config_ref, [*override_args(t.overrides), *extra])
+      sweep.configs[t.index] = resolve_config(config_ref, [*override_args(t.overrides),
+                                                           *extra]).to_dict()
     except ConfigError as e:
-      errors[t.index] = str(e)
-    commands.append(trial_command(python, module, config_ref, t, extra,
-                                  os.path.join(workdir, t.name)))
-  return Sweep(config_ref, workdir, dict(spec), trials, commands, errors)
+      sweep.resolve_errors[t.index] = str(e)
+    sweep.commands.append(trial_command(python, module, config_ref, t, extra,
+                                        sweep.trial_dir(t)))
+  return sweep
 
 
-def write_trial_files(sweep: Sweep, extra: Sequence[str]) -> None:
+def write_trial_files(sweep: Sweep) -> None:
   os.makedirs(sweep.workdir, exist_ok=True)
   write_json(os.path.join(sweep.workdir, "sweep.json"),
-             {"config": sweep.config_ref, "spec": sweep.spec, "extra": list(extra),
+             {"config": sweep.config_ref, "spec": sweep.spec, "extra": sweep.extra,
               "trials": [{"name": t.name, "overrides": t.overrides} for t in sweep.trials]})
   for t, command in zip(sweep.trials, sweep.commands):
     d = sweep.trial_dir(t)
@@ -334,17 +329,17 @@ def write_trial_files(sweep: Sweep, extra: Sequence[str]) -> None:
     if t.index in sweep.resolve_errors:
       info["error"] = sweep.resolve_errors[t.index]
     else:
-      info["config"] = resolve_config(sweep.config_ref, [*override_args(t.overrides),
-                                                         *extra]).to_dict()
+      info["config"] = sweep.configs[t.index]
     write_json(os.path.join(d, TRIAL), info)
 
 
-def run(sweep: Sweep, extra: Sequence[str] = (), parallel: int = 1, retry_failed: bool = False,
+def run(sweep: Sweep, parallel: int = 1, retry_failed: bool = False,
         launcher: Launcher | None = None, log: Callable[[str], None] = print) -> dict[str, int]:
   """Runs every trial not yet done (failed ones only with `retry_failed`), `parallel` at a time.
   A failing trial is recorded and the others go on. Returns counts of trial outcomes."""
-  launcher = launcher or subprocess_launcher()
-  write_trial_files(sweep, extra)
+  launcher = launcher or SubprocessLauncher()
+  stopping = threading.Event()
+  write_trial_files(sweep)
   todo, counts = [], {"skipped_done": 0, "skipped_failed": 0, "done": 0, "failed": 0}
   for t, command in zip(sweep.trials, sweep.commands):
     state = trial_state(sweep.trial_dir(t))
@@ -357,9 +352,8 @@ def run(sweep: Sweep, extra: Sequence[str] = (), parallel: int = 1, retry_failed
 
   def one(t: Trial, command: list[str]) -> str:
     d = sweep.trial_dir(t)
-    for marker in (DONE, FAILED):
-      if os.path.exists(os.path.join(d, marker)):
-        os.remove(os.path.join(d, marker))
+    if os.path.exists(os.path.join(d, FAILED)):  # a SLURM task's, now retried
+      os.remove(os.path.join(d, FAILED))
     start = time.time()
     write_json(os.path.join(d, STATUS), {"state": "running", "started": start})
     if t.index in sweep.resolve_errors:  # fails as the entry point would, without starting it
@@ -367,6 +361,9 @@ def run(sweep: Sweep, extra: Sequence[str] = (), parallel: int = 1, retry_failed
     else:
       rc = launcher(command, d)
       err = tail(os.path.join(d, "stderr.log"))
+    if stopping.is_set():  # killed by Ctrl-C: pending again, so a rerun resumes it
+      write_json(os.path.join(d, STATUS), {"state": "interrupted", "started": start})
+      return "interrupted"
     state = "done" if rc == 0 else "failed"
     write_json(os.path.join(d, STATUS), {
         "state": state, "returncode": rc, "started": start, "finished": time.time(),
@@ -378,9 +375,20 @@ def run(sweep: Sweep, extra: Sequence[str] = (), parallel: int = 1, retry_failed
         f"  ({format_overrides(t.overrides)})")
     return state
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-    for state in pool.map(lambda tc: one(*tc), todo):
-      counts[state] += 1
+  pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
+  futures = [pool.submit(one, t, command) for t, command in todo]
+  try:
+    for future in concurrent.futures.as_completed(futures):
+      counts[future.result()] += 1
+  except KeyboardInterrupt:
+    stopping.set()
+    for future in futures:
+      future.cancel()
+    if hasattr(launcher, "kill_all"):
+      launcher.kill_all()
+    raise
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
   return counts
 
 

@@ -2,8 +2,8 @@
 roofline step time / MFU bound on a named accelerator, from the step compiled on host CPU devices
 with abstract shapes (nothing the size of the model is allocated).
 
-  python scripts/plan.py --config=configs/plan_llama3_8b_fsdp.py [--accelerator=h100] [--devices=8] \
-      [--config.train.global_batch=16 ...] [--fast] [--json=plan.json]
+  python scripts/plan.py --config=configs/plan_llama3_8b_fsdp.py [--accelerator=h100] \
+      [--devices=8] [--config.train.global_batch=16 ...] [--fast] [--json=plan.json]
 
 --devices defaults to the config's plan.devices, else the product of its mesh sizes. --fast takes
 FLOPs from the uncompiled (global) program: no probe compiles, no XLA bytes-accessed figure.
@@ -50,6 +50,10 @@ def _g(x: float) -> str:
   return f"{x / GIB:8.2f}"
 
 
+def _t(seconds: float) -> str:
+  return f"{seconds:8.2f} s " if seconds >= 1 else f"{seconds * 1e3:8.1f} ms"
+
+
 def format_plan(plan, name: str) -> str:
   acc, m, est = plan.accelerator, plan.memory, plan.estimate
   r = plan.roofline()
@@ -84,12 +88,13 @@ def format_plan(plan, name: str) -> str:
       "",
       f"roofline on {acc.name} ({acc.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
       f"{acc.hbm_bandwidth / 1e12:.2f} TB/s HBM, {acc.memory_bytes / GIB:.0f} GiB)",
-      f"  compute at peak            {r['compute_s'] * 1e3:10.4g} ms",
-      f"  HBM traffic floor          {r['memory_s'] * 1e3:10.4g} ms   "
+      f"  compute at peak            {_t(r['compute_s'])}",
+      f"  HBM traffic floor          {_t(r['memory_s'])}   "
       f"({plan.traffic_floor / 1e9:.1f} GB from shapes" + (
-          f"; XLA:CPU counts {plan.xla_bytes_accessed / 1e9:.0f} GB, fusing less than GPU/TPU)"
+          f"; XLA:CPU's bytes accessed, {plan.xla_bytes_accessed / 1e9:.0f} GB, not used: it "
+          "fuses far less than GPU/TPU)"
           if plan.xla_bytes_accessed else ")"),
-      f"  step time >= {r['step_s'] * 1e3:.4g} ms -> MFU <= {100 * r['mfu_bound']:.1f}%, "
+      f"  step time >= {_t(r['step_s']).strip()} -> MFU <= {100 * r['mfu_bound']:.1f}%, "
       f"<= {r['tokens_per_s']:,.0f} tokens/s (communication not modelled)",
   ]
   if not plan.fits:

@@ -1,8 +1,8 @@
 """Run, emit or report a sweep declared in a config file's SWEEPS (see research/sweeps.py).
 
-  python scripts/sweep.py --config=configs/sft.py:huanhuan_lora --sweep=lr_rank --workdir=runs/sweep1 \
-      [--parallel=N] [--dry_run | --emit=commands|slurm | --report] [--retry_failed] \
-      [--metric=eval/loss] [--goal=min|max] [--extra='--config.train.steps=20'] [--trial_timeout=S]
+  python scripts/sweep.py --config=configs/sft.py:huanhuan_lora --sweep=lr_rank \
+      --workdir=runs/sweep1 [--parallel=N] [--dry_run | --emit=commands|slurm | --report] \
+      [--retry_failed] [--metric=eval/loss] [--goal=min|max] [--extra='--config.train.steps=20'] [--trial_timeout=S]
 
 Every trial runs as `python -m experiments.<stage> --config=FILE:PRESET --config.a=b ...
 --workdir=WORKDIR/trial_k --resume`. Finished trials (DONE) are skipped on a rerun; failed ones
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import json
 import math
 import os
 import shlex
@@ -25,12 +27,12 @@ from research.errors import UserError
 from research.train.metrics import read_metrics
 
 
-def emit(sweep: sweeps.Sweep, mode: str, extra: Sequence[str] = (), parallel: int = 0) -> str:
+def emit(sweep: sweeps.Sweep, mode: str, parallel: int = 0) -> str:
   """Writes `commands.txt` (one shell line per trial) and for mode 'slurm' a job-array script
   whose task i runs trial i, skipping done trials and leaving DONE or FAILED markers."""
   if mode not in ("commands", "slurm"):
     raise UserError(f"--emit={mode!r}; choose 'commands' or 'slurm'")
-  sweeps.write_trial_files(sweep, extra)
+  sweeps.write_trial_files(sweep)
   path = os.path.join(sweep.workdir, "commands.txt")
   with open(path, "w", encoding="utf-8") as f:
     f.writelines(shlex.join(c) + "\n" for c in sweep.commands)
@@ -58,6 +60,36 @@ exit $rc
 """)
   os.chmod(script, 0o755)
   return script
+
+
+def split_config_ref(config_ref: str) -> tuple[str, str | None]:
+  path, _, preset = config_ref.partition(":")
+  return path, preset or None
+
+
+def load_sweeps(config_ref: str) -> dict[str, Any]:
+  """The SWEEPS dict of a config file ({} when it has none)."""
+  path, _ = split_config_ref(config_ref)
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location("_sweep_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return dict(getattr(module, "SWEEPS", {}))
+
+
+def get_spec(config_ref: str, sweep: str) -> dict[str, Any]:
+  """`sweep` names an entry of the file's SWEEPS, or is a JSON spec itself (starts with '{')."""
+  if sweep.lstrip().startswith("{"):
+    try:
+      return json.loads(sweep)
+    except json.JSONDecodeError as e:
+      raise UserError(f"--sweep is not valid JSON: {e}") from e
+  declared = load_sweeps(config_ref)
+  if sweep not in declared:
+    raise UserError(f"no sweep {sweep!r} in {split_config_ref(config_ref)[0]}; its SWEEPS are "
+                      f"{sorted(declared) or 'none'}")
+  return declared[sweep]
 
 
 def _last(records: list[dict], key: str) -> tuple[float | None, int | None]:
@@ -177,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   extra = shlex.split(args.extra)
   try:
-    spec = sweeps.get_spec(args.config, args.sweep)
+    spec = get_spec(args.config, args.sweep)
     sweep = sweeps.prepare(args.config, spec, args.workdir, extra, python=args.python)
     for index, message in sweep.resolve_errors.items():
       print(f"warning: trial_{index:03d} will fail: {message}", file=sys.stderr)
@@ -186,17 +218,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{t.name}  {sweeps.format_overrides(t.overrides)}\n  {shlex.join(command)}")
       return 0
     if args.emit:
-      path = emit(sweep, args.emit, extra, args.parallel if args.parallel > 1 else 0)
+      path = emit(sweep, args.emit, args.parallel if args.parallel > 1 else 0)
       print(f"wrote {path} ({len(sweep.trials)} trials)")
       return 0
     if not args.report:
-      counts = sweeps.run(sweep, extra, parallel=args.parallel, retry_failed=args.retry_failed,
-                          launcher=sweeps.subprocess_launcher(args.trial_timeout))
+      counts = sweeps.run(sweep, parallel=args.parallel, retry_failed=args.retry_failed,
+                          launcher=sweeps.SubprocessLauncher(args.trial_timeout))
       print("trials: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     paths = report(sweep, args.metric, args.goal)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("interrupted: running trials were killed; a rerun resumes them", file=sys.stderr)
+    return 130
   with open(paths["markdown"], encoding="utf-8") as f:
     print(f.read())
   print(f"wrote {paths['csv']}, {paths['markdown']}, {paths['png']}")

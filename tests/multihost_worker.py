@@ -51,8 +51,10 @@ def run_steps(mesh, steps: int, feed: Callable[[dict, object], dict]) -> dict[st
   from research.parallel.rules import batch_sharding  # pylint: disable=import-outside-toplevel
   from research.stages.lm import decoder_init, lm_loss_fn  # pylint: disable=import-outside-toplevel
   from research.train.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
-  from research.train.state import abstract_state, init_state  # pylint: disable=import-outside-toplevel
-  from research.train.step import jit_train_step, make_train_step  # pylint: disable=import-outside-toplevel
+  from research.train.state import (  # pylint: disable=import-outside-toplevel
+      abstract_state, init_state)
+  from research.train.step import (  # pylint: disable=import-outside-toplevel
+      jit_train_step, make_train_step)
 
   cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=64)
@@ -82,8 +84,9 @@ def main() -> None:
   p.add_argument("--out", required=True)
   args = p.parse_args()
   start = time.perf_counter()
-  say = lambda what: print(f"[process {args.process_id}] {what} at {time.perf_counter() - start:.1f} s",
-                           flush=True)  # noqa: E731
+
+  def say(what: str) -> None:  # progress in the log the test prints on failure
+    print(f"[process {args.process_id}] {what} at {time.perf_counter() - start:.1f} s", flush=True)
   # Before jax starts: this process's own host devices.
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
   os.environ["JAX_PLATFORMS"] = "cpu"

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from research import sweeps
-from research.errors import ConfigError
+from research.errors import ConfigError, UserError
 from scripts import sweep as sweep_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +61,16 @@ def test_bad_specs_fail_before_any_trial(tmp_path, spec, needle):
     sweeps.prepare(CONFIG, spec, str(tmp_path))
 
 
+@pytest.mark.parametrize("config, name", [("configs/pretrain.py:test", "lr_batch"),
+                                          ("configs/pretrain.py:test", "lr_warmup_random"),
+                                          ("configs/sft.py:test", "lr_rank")])
+def test_declared_sweeps_expand(tmp_path, config, name):
+  sweep = sweeps.prepare(config, sweep_cli.get_spec(config, name), str(tmp_path))
+  assert sweep.trials and not sweep.resolve_errors
+  with pytest.raises(UserError, match="lr_warmup_random"):
+    sweep_cli.get_spec("configs/pretrain.py:test", "no_such_sweep")
+
+
 def test_extra_may_not_set_a_swept_field(tmp_path):
   with pytest.raises(ConfigError, match="optimizer.lr"):
     sweeps.prepare(CONFIG, GRID, str(tmp_path), ["--config.optimizer.lr=0.1"])
@@ -97,7 +107,7 @@ def test_grid_sweep_reports_failures_resumes_and_retries(tmp_path):
   workdir = str(tmp_path / "sweep")
   sweep = sweeps.prepare(CONFIG, GRID, workdir, ["--config.train.steps=3"])
   launcher = FakeLauncher()
-  counts = sweeps.run(sweep, ["--config.train.steps=3"], parallel=2, launcher=launcher,
+  counts = sweeps.run(sweep, parallel=2, launcher=launcher,
                       log=lambda _: None)
   assert counts["done"] == 2 and counts["failed"] == 2 and sorted(launcher.calls) == [
       "trial_000", "trial_001", "trial_002", "trial_003"]
@@ -122,13 +132,13 @@ def test_grid_sweep_reports_failures_resumes_and_retries(tmp_path):
       info["command"]
 
   launcher.calls.clear()  # resume: finished trials skipped, failed ones kept
-  counts = sweeps.run(sweep, ["--config.train.steps=3"], launcher=launcher, log=lambda _: None)
+  counts = sweeps.run(sweep, launcher=launcher, log=lambda _: None)
   assert launcher.calls == [] and counts["skipped_done"] == 2 and counts["skipped_failed"] == 2
   os.remove(os.path.join(workdir, "trial_000", sweeps.DONE))  # as if killed mid-run
-  sweeps.run(sweep, ["--config.train.steps=3"], launcher=launcher, log=lambda _: None)
+  sweeps.run(sweep, launcher=launcher, log=lambda _: None)
   assert launcher.calls == ["trial_000"]
   launcher.calls.clear()
-  sweeps.run(sweep, ["--config.train.steps=3"], retry_failed=True, launcher=launcher,
+  sweeps.run(sweep, retry_failed=True, launcher=launcher,
              log=lambda _: None)
   assert launcher.calls == ["trial_001", "trial_003"]
 
