@@ -7,7 +7,6 @@ left-padded prompts of different lengths.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
 import jax
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models.config import ModelConfig
-from research.models.decoder import Decoder, default_positions, init_cache
+from research.models.decoder import Decoder, default_positions, init_cache, unstack_layers
 from research.models.peft import NO_PEFT, PeftConfig
 
 
@@ -63,19 +62,49 @@ def _choose(logits_bv, rng, s: SamplingConfig):
   return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "peft", "sampling", "pad_id"))
+def _per_layer(cache: dict, num_layers: int) -> dict:
+  """The cache with k and v as tuples of per-layer [B, S, K, D] buffers.
+
+  The unrolled decoder indexes them per layer and stacks what it returns; splitting that stack
+  again folds away in XLA (slice of concatenate), so each layer's buffer is updated in place.
+  """
+  return {**cache, "k": tuple(cache["k"][i] for i in range(num_layers)),
+          "v": tuple(cache["v"][i] for i in range(num_layers))}
+
+
 def generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, rng: jax.Array, *,
                     cfg: ModelConfig, sampling: SamplingConfig, pad_id: int,
                     peft: PeftConfig = NO_PEFT) -> tuple[jax.Array, jax.Array]:
   """(new tokens [B, N], lengths [B]): after a row's stop token it emits `pad_id`.
 
-  The length counts tokens up to and including the first stop token.
+  The length counts tokens up to and including the first stop token. Compiled on its own, or as
+  part of the jit it is traced in (e.g. a PPO iteration), with that jit's compiler options.
   """
+  traced = any(isinstance(x, jax.core.Tracer)
+               for x in jax.tree.leaves((params, tokens_bp, segments_bp, rng)))
+  # jax accepts compiler options on a top-level jit only.
+  top_level_cpu = not traced and jax.default_backend() == "cpu"
+  jitted = _generate_tokens_cpu if top_level_cpu else _generate_tokens_jit
+  return jitted(params, tokens_bp, segments_bp, rng, cfg=cfg, sampling=sampling, pad_id=pad_id,
+                peft=peft)
+
+
+def _generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, rng: jax.Array, *,
+                     cfg: ModelConfig, sampling: SamplingConfig, pad_id: int,
+                     peft: PeftConfig) -> tuple[jax.Array, jax.Array]:
+  # Decoding runs the layers unrolled, each with its own KV buffer. With scanned layers every
+  # step copied each layer's cache out of the stacked one and back (~30% of a step on CPU at
+  # PERF-NOTES' size S) and each layer's weights out of theirs (~10%); unrolled over one stacked
+  # cache it re-stacked the cache instead. A step went from 17 to 11 ms.
+  if cfg.scan_layers:
+    params = unstack_layers(params, cfg.num_layers)
+  # remat only matters for gradients; unrolled it would also add barriers to the forward.
+  cfg = cfg.replace(scan_layers=False, remat_policy="none")
   model = Decoder(cfg, peft)
   b, p = tokens_bp.shape
   n = sampling.max_new_tokens
   virtual = peft.num_virtual_tokens if peft.method == "prompt" else 0
-  cache = init_cache(cfg, b, virtual + p + n)
+  cache = _per_layer(init_cache(cfg, b, virtual + p + n), cfg.num_layers)
   positions_bp = default_positions(segments_bp)
   logits_btv, _, cache = model.apply({"params": params}, tokens_bp, segments_bp, positions_bp,
                                      cache=cache, prefill=True)
@@ -105,10 +134,21 @@ def generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, r
         {"params": params}, tok_b[:, None], jnp.ones((b, 1), jnp.int32),
         (pos_b + virtual)[:, None], cache=cache, prefill=False)
     state, tok_b = emit(state, logits_b1v[:, 0], jax.random.fold_in(rng, state[3]))
-    return state, tok_b, pos_b + 1, cache
+    return state, tok_b, pos_b + 1, _per_layer(cache, cfg.num_layers)
 
-  state, _, _, _ = jax.lax.while_loop(cond, body, (state, tok_b, pos_b, cache))
+  state, _, _, _ = jax.lax.while_loop(
+      cond, body, (state, tok_b, pos_b, _per_layer(cache, cfg.num_layers)))
   return state[0], state[2]
+
+
+_STATIC = ("cfg", "peft", "sampling", "pad_id")
+_generate_tokens_jit = jax.jit(_generate_tokens, static_argnames=_STATIC)
+# XLA:CPU's YNNPACK fusions run decoding's skinny matmuls (a few rows, the batch, times each
+# weight) slower than its plain dot thunks: without them a step took 25% less time at PERF-NOTES'
+# size M and 8% less at S, and a 4096-row prefill none more. Only this function's compile is
+# affected; the option is XLA:CPU's, so other backends never get it.
+_generate_tokens_cpu = jax.jit(_generate_tokens, static_argnames=_STATIC,
+                               compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
 
 
 def generate(params: Any, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
