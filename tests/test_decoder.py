@@ -75,3 +75,22 @@ def test_tied_embeddings_have_no_lm_head_and_head_dim_is_independent():
   assert params["layers"]["attn"]["q"]["kernel"].shape == (3, 48, 4, 10)
   logits, hidden = Decoder(cfg).apply({"params": params}, jnp.ones((1, 4), jnp.int32))
   np.testing.assert_allclose(logits, hidden @ params["embed"]["embedding"].T, atol=1e-5)
+
+
+def test_attention_backward_matches_autodiff_of_plain_softmax_attention():
+  """`attend` recomputes the probabilities in its backward; its gradients equal autodiff of the
+  plain product, with packed segments, padding queries (no visible key) and padding keys."""
+  from research.models.layers import MASK_VALUE, attend, attention_mask
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  q, k, v, w = (jax.random.normal(key, (2, 7, 3, 4)) for key in keys)
+  mask = attention_mask(jnp.array([[1, 1, 1, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1]]))
+
+  def plain(q, k, v):
+    scores = jnp.where(mask, jnp.einsum("bthd,bshd->bhts", q * 0.5, k), MASK_VALUE)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+
+  np.testing.assert_allclose(attend(q, k, v, mask, 0.5), plain(q, k, v), atol=1e-6)
+  ours = jax.grad(lambda *a: jnp.sum(attend(*a, mask, 0.5) * w), (0, 1, 2))(q, k, v)
+  ref = jax.grad(lambda *a: jnp.sum(plain(*a) * w), (0, 1, 2))(q, k, v)
+  for name, a, b in zip("qkv", ours, ref):
+    np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")

@@ -6,6 +6,7 @@ K kv heads, D head dim, F mlp, V vocab. Every parameter carries logical axis nam
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -55,27 +56,56 @@ def apply_flat(layer: Callable[[jax.Array], jax.Array], x: jax.Array, feature_ax
   return y.reshape(lead + y.shape[1:])
 
 
-@jax.custom_vjp
-def softmax(x: jax.Array) -> jax.Array:
-  """`jax.nn.softmax` over the last axis, with a backward pass that keeps only its output.
+def _masked_scores(q_bthd, k_bshd, mask_b1ts, scale: float):
+  scores_bhts = jnp.einsum("bthd,bshd->bhts", q_bthd * scale, k_bshd,
+                           preferred_element_type=jnp.float32)
+  return jnp.where(mask_b1ts, scores_bhts, MASK_VALUE)
 
-  Plain autodiff of `jax.nn.softmax` (its custom JVP is off by default) keeps the masked scores,
-  their exponentials and the output per layer: three [B, H, T, S] float32 arrays instead of one.
-  The forward is `jax.nn.softmax` itself; the gradient is torch's, y * (g - sum(g * y)).
+
+def _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale):
+  scores_bhts = _masked_scores(q_bthd, k_bshd, mask_b1ts, scale)
+  max_bht1 = jnp.max(scores_bhts, axis=-1, keepdims=True)
+  exp_bhts = jnp.exp(scores_bhts - max_bht1)
+  sum_bht1 = jnp.sum(exp_bhts, axis=-1, keepdims=True)
+  probs_bhts = (exp_bhts / sum_bht1).astype(v_bshd.dtype)
+  out_bthd = jnp.einsum("bhts,bshd->bthd", probs_bhts, v_bshd)
+  return out_bthd, (q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1)
+
+
+def _attend_bwd(scale, res, g_bthd):
+  q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1 = res
+  # The probabilities again, from the scores and the saved row max and sum (flash attention's
+  # backward): one more QK^T product instead of a [B, H, T, S] residual per layer.
+  probs_bhts = jnp.exp(_masked_scores(q_bthd, k_bshd, mask_b1ts, scale) - max_bht1) / sum_bht1
+  g32_bthd = g_bthd.astype(jnp.float32)
+  dv_bshd = jnp.einsum("bhts,bthd->bshd", probs_bhts.astype(g_bthd.dtype), g_bthd)
+  dprobs_bhts = jnp.einsum("bthd,bshd->bhts", g_bthd, v_bshd, preferred_element_type=jnp.float32)
+  # sum_s dP * P = sum_d dO * O per query (the softmax backward's row term, from [B, T, H, D]).
+  rowdot_bht1 = jnp.einsum("bthd,bthd->bht", g32_bthd,
+                           out_bthd.astype(jnp.float32))[..., None]
+  # Masked scores are constants (a row with no visible key, e.g. a padding query, has uniform
+  # probabilities but no gradient into q or k).
+  dscores_bhts = jnp.where(mask_b1ts, probs_bhts * (dprobs_bhts - rowdot_bht1) * scale,
+                           0.0).astype(q_bthd.dtype)
+  dq_bthd = jnp.einsum("bhts,bshd->bthd", dscores_bhts, k_bshd)
+  dk_bshd = jnp.einsum("bhts,bthd->bshd", dscores_bhts, q_bthd)
+  return dq_bthd, dk_bshd, dv_bshd, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q_bthd, k_bshd, v_bshd, mask_b1ts, scale: float):
+  """softmax(q k^T * scale, masked) v with K/V heads already repeated to the query heads. [B, T, H, D]
+
+  The forward is the plain product; the backward recomputes the probabilities from the saved
+  row max and sum instead of keeping them. Autodiff (even with a custom softmax backward) keeps
+  a [B, H, T, S] float32 array per layer, which under `nn.scan` is also zero-filled and copied
+  into a per-layer stack every step, and fuses the softmax backward's row sum into the dP
+  product, which XLA:CPU then runs at a quarter of its matmul rate.
   """
-  return jax.nn.softmax(x, axis=-1)
+  return _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale)[0]
 
 
-def _softmax_fwd(x):
-  y = jax.nn.softmax(x, axis=-1)
-  return y, y
-
-
-def _softmax_bwd(y, g):
-  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 @jax.custom_vjp
@@ -184,12 +214,8 @@ class Attention(nn.Module):
     if groups > 1:
       k_btkd = jnp.repeat(k_btkd, groups, axis=2)
       v_btkd = jnp.repeat(v_btkd, groups, axis=2)
-    scale = cfg.resolved_head_dim ** -0.5
-    scores_bhts = jnp.einsum("bthd,bshd->bhts", q_bthd * scale, k_btkd,
-                             preferred_element_type=jnp.float32)
-    scores_bhts = jnp.where(mask_b1ts, scores_bhts, MASK_VALUE)
-    probs_bhts = softmax(scores_bhts).astype(cfg.compute_dtype)
-    out_bthd = jnp.einsum("bhts,bshd->bthd", probs_bhts, v_btkd.astype(cfg.compute_dtype))
+    out_bthd = attend(q_bthd.astype(cfg.compute_dtype), k_btkd.astype(cfg.compute_dtype),
+                      v_btkd.astype(cfg.compute_dtype), mask_b1ts, cfg.resolved_head_dim ** -0.5)
     base = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, name="o",
