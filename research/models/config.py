@@ -32,7 +32,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   scan_layers: bool = True
-  remat_policy: str = "none"
+  # What the backward pass recomputes instead of keeping: 'dots_no_batch' keeps the projections'
+  # outputs and recomputes norms, rotary, attention and SwiGLU. On CPU, where the residuals' memory
+  # traffic costs more than the recompute, bench_train measured it 1.06x faster than 'none' at size
+  # M (0.98x at S), with less memory; on accelerators it is the usual memory/compute trade.
+  remat_policy: str = "dots_no_batch"
   # Token ids recorded for export and generation (None when unknown).
   bos_token_id: int | None = None
   eos_token_id: int | None = None
