@@ -79,22 +79,59 @@ def test_reward_model_tokenizer_must_match_policy(tmp_path):
     same_tokenizer(a, b, str(tmp_path / "b"))
 
 
-def test_ppo_raises_the_word_list_reward(tmp_path):
-  """The sanity task: 20 PPO steps on a tiny code model lift the held-out reward (the fraction of
-  response tokens from the word list) by at least 0.15 (seen: 0.06 -> 0.31 at 20 steps)."""
+@pytest.fixture(scope="module")
+def ppo_straight(tmp_path_factory):
+  """The `test` preset run once from scratch: its own base (workdir/base), then 20 PPO steps."""
   from configs.ppo import get_config
   from research.stages import ppo
+  workdir = tmp_path_factory.mktemp("ppo_straight")
+  return ppo.run(get_config("test"), str(workdir)), workdir
+
+
+def test_ppo_raises_the_word_list_reward(ppo_straight):
+  """The sanity task: 20 PPO steps on a tiny code model lift the held-out reward (the fraction of
+  response tokens from the word list) by at least 0.15 (seen: 0.06 -> 0.31 at 20 steps)."""
   from research.train.metrics import read_metrics
-  out = ppo.run(get_config("test"), str(tmp_path))
-  evals = {m["step"]: m for m in read_metrics(tmp_path) if "eval/score" in m}
+  out, workdir = ppo_straight
+  evals = {m["step"]: m for m in read_metrics(workdir) if "eval/score" in m}
   assert evals[20]["eval/score"] >= evals[0]["eval/score"] + 0.15, evals
   assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
-  assert out["plot"] and (tmp_path / "ppo_curves.png").is_file()
-  train = [m for m in read_metrics(tmp_path) if "train/objective/kl" in m]
+  assert out["plot"] and (workdir / "ppo_curves.png").is_file()
+  train = [m for m in read_metrics(workdir) if "train/objective/kl" in m]
   for key in ("objective/entropy", "objective/rlhf_reward", "policy/approxkl_avg",
               "policy/clipfrac_avg", "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
               "val/explained_variance", "response_length"):
     assert f"train/{key}" in train[-1], key
+
+
+def test_ppo_resumed_run_matches_the_uninterrupted_one(ppo_straight, tmp_path):
+  """Stopped after step 10 and resumed: the policy, value model, both optimizers, the RNG that
+  drives sampling and the KL coefficient all come back, so steps 11-20 log what the straight run
+  logged (the rollouts are sampled, so any lost piece of state shows up in every metric)."""
+  from configs.ppo import get_config
+  from research.stages import ppo
+  from research.train.metrics import read_metrics
+  _, straight = ppo_straight
+
+  def train_metrics(workdir):
+    return {m["step"]: m for m in read_metrics(workdir) if "train/objective/kl" in m}
+
+  config = get_config("test")
+  config.init = str(straight / "base")  # the same start, without pretraining it again
+  config.ppo.update(adaptive_kl=True, kl_horizon=50.0)  # kl_coef moves and must come back too
+  ppo.run(config, str(tmp_path / "straight"))
+  config.train.update(stop_at_step=10)
+  ppo.run(config, str(tmp_path / "stopped"))
+  assert max(train_metrics(tmp_path / "stopped")) == 10
+  config.train.update(stop_at_step=0)
+  ppo.run(config, str(tmp_path / "stopped"), resume=True)
+  ours, ref = train_metrics(tmp_path / "stopped"), train_metrics(tmp_path / "straight")
+  assert sorted(ours) == sorted(ref) and max(ref) == 20
+  for step in (15, 20):
+    for key in ("train/objective/scores", "train/objective/kl", "train/loss/policy_avg",
+                "train/objective/kl_coef"):
+      np.testing.assert_allclose(ours[step][key], ref[step][key], rtol=1e-5,
+                                 err_msg=f"{key} at step {step}")
 
 
 def test_reward_model_learns_a_preference(tmp_path):
