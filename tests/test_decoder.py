@@ -1,5 +1,7 @@
 """Decoder properties: scanned == unrolled, packed rows == documents alone, per-segment positions."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,12 @@ CFG = ModelConfig(vocab_size=97, hidden_size=48, num_layers=3, num_heads=4, num_
                   mlp_dim=96, rope_theta=5000.0)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens, segments=None, positions=None):
+  """Jitted: eager applies dispatch every op of the model one by one (seconds per call)."""
+  return Decoder(cfg).apply({"params": params}, tokens, segments, positions)
+
+
 def _params(cfg):
   return nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"])
 
@@ -22,9 +30,9 @@ def test_scanned_and_unrolled_layers_give_same_logits(remat):
   cfg = CFG.replace(remat_policy=remat)
   params = _params(cfg)
   tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg.vocab_size)
-  scanned, _ = Decoder(cfg).apply({"params": params}, tokens)
+  scanned, _ = _forward(cfg, params, tokens)
   unrolled_params = unstack_layers(params, cfg.num_layers)
-  unrolled, _ = Decoder(cfg.replace(scan_layers=False)).apply({"params": unrolled_params}, tokens)
+  unrolled, _ = _forward(cfg.replace(scan_layers=False), unrolled_params, tokens)
   np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
   restacked = stack_layers(unrolled_params, cfg.num_layers)
   jax.tree.map(np.testing.assert_array_equal, restacked, params)
@@ -39,10 +47,10 @@ def test_packed_row_matches_each_document_alone():
                             + [np.zeros(2, np.int64)])[None].astype(np.int32)
   positions = default_positions(jnp.asarray(segments))
   assert positions[0, :5].tolist() == list(range(5)) and positions[0, 5:12].tolist() == list(range(7))
-  packed, _ = Decoder(CFG).apply({"params": params}, tokens, segments, positions)
+  packed, _ = _forward(CFG, params, tokens, segments, positions)
   start = 0
   for doc in docs:
-    alone, _ = Decoder(CFG).apply({"params": params}, jnp.asarray(doc[None], jnp.int32))
+    alone, _ = _forward(CFG, params, jnp.asarray(doc[None], jnp.int32))
     np.testing.assert_allclose(packed[0, start:start + len(doc)], alone[0], atol=2e-5, rtol=1e-5)
     start += len(doc)
 
@@ -50,10 +58,10 @@ def test_packed_row_matches_each_document_alone():
 def test_left_padding_does_not_change_real_tokens():
   params = _params(CFG)
   doc = jnp.asarray([[5, 9, 11, 3, 7]], jnp.int32)
-  alone, _ = Decoder(CFG).apply({"params": params}, doc)
+  alone, _ = _forward(CFG, params, doc)
   padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), doc], axis=1)
   segments = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]], jnp.int32)
-  out, _ = Decoder(CFG).apply({"params": params}, padded, segments)
+  out, _ = _forward(CFG, params, padded, segments)
   np.testing.assert_allclose(out[:, 3:], alone, atol=2e-5, rtol=1e-5)
 
 

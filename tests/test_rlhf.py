@@ -49,19 +49,23 @@ def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
                 settings)
   lengths = np.asarray(out["mask_br"]).sum(1)
   resp = np.asarray(out["resp_br"])
+  # References: each row alone, right-padded to one width (one compile per function).
+  width = 12
+  score_fn = jax.jit(lambda p, t, s: apply_with_head(p, CFG, SCORE_HEAD, t, s)[0])
+  logits_fn = jax.jit(lambda p, t, s: Decoder(CFG).apply({"params": p}, t, s)[0])
   for i, prompt in enumerate(prompts):
     response = resp[i, :lengths[i]].tolist()
     if lengths[i] < 6:
       assert response[-1] == stop  # stopped early, on its stop token
-    seq = jnp.asarray([prompt + response])
-    score, _, _ = apply_with_head(state.frozen["reward"], CFG, SCORE_HEAD, seq)
-    np.testing.assert_allclose(out["scores_b"][i], score[0, -1], atol=1e-5)
-    logits, _ = Decoder(CFG).apply({"params": state.params["policy"]}, seq)
-    logp = -token_nll(logits[:, len(prompt) - 1:-1], seq[:, len(prompt):])
-    np.testing.assert_allclose(out["logp_br"][i, :lengths[i]], logp[0], atol=1e-5)
-    ref_logits, _ = Decoder(CFG).apply({"params": state.frozen["ref"]}, seq)
-    ref_logp = -token_nll(ref_logits[:, len(prompt) - 1:-1], seq[:, len(prompt):])
-    np.testing.assert_allclose(out["ref_logp_br"][i, :lengths[i]], ref_logp[0], atol=1e-5)
+    n, pad = len(prompt) + len(response), width - len(prompt) - len(response)
+    seq = jnp.asarray([prompt + response + [0] * pad])
+    seg = jnp.asarray([[1] * n + [0] * pad])
+    score = score_fn(state.frozen["reward"], seq, seg)[0, n - 1]
+    np.testing.assert_allclose(out["scores_b"][i], score, atol=1e-5)
+    for params, key in ((state.params["policy"], "logp_br"), (state.frozen["ref"], "ref_logp_br")):
+      logits = logits_fn(params, seq, seg)
+      logp = -token_nll(logits[:, len(prompt) - 1:n - 1], seq[:, len(prompt):n])
+      np.testing.assert_allclose(out[key][i, :lengths[i]], logp[0], atol=1e-5, err_msg=key)
   kl = np.sum((np.asarray(out["logp_br"]) - np.asarray(out["ref_logp_br"])) *
               np.asarray(out["mask_br"]), axis=1)
   np.testing.assert_allclose(out["stats"]["objective/kl"], kl.mean(), rtol=1e-5)
@@ -105,8 +109,8 @@ def test_ppo_raises_the_word_list_reward(ppo_straight):
 
 
 def test_ppo_resumed_run_matches_the_uninterrupted_one(ppo_straight, tmp_path):
-  """Stopped after step 10 and resumed: the policy, value model, both optimizers, the RNG that
-  drives sampling and the KL coefficient all come back, so steps 11-20 log what the straight run
+  """Stopped after step 3 and resumed: the policy, value model, both optimizers, the RNG that
+  drives sampling and the KL coefficient all come back, so steps 4-6 log what the straight run
   logged (the rollouts are sampled, so any lost piece of state shows up in every metric)."""
   from configs.ppo import get_config
   from research.stages import ppo
@@ -118,16 +122,18 @@ def test_ppo_resumed_run_matches_the_uninterrupted_one(ppo_straight, tmp_path):
 
   config = get_config("test")
   config.init = str(straight / "base")  # the same start, without pretraining it again
-  config.ppo.update(adaptive_kl=True, kl_horizon=50.0)  # kl_coef moves and must come back too
+  config.ppo.update(adaptive_kl=True, kl_horizon=20.0)  # kl_coef moves and must come back too
+  config.train.update(steps=6, checkpoint_every=3, eval_every=0, log_every=1)
   ppo.run(config, str(tmp_path / "straight"))
-  config.train.update(stop_at_step=10)
+  config.train.update(stop_at_step=3)
   ppo.run(config, str(tmp_path / "stopped"))
-  assert max(train_metrics(tmp_path / "stopped")) == 10
+  assert max(train_metrics(tmp_path / "stopped")) == 3
   config.train.update(stop_at_step=0)
   ppo.run(config, str(tmp_path / "stopped"), resume=True)
   ours, ref = train_metrics(tmp_path / "stopped"), train_metrics(tmp_path / "straight")
-  assert sorted(ours) == sorted(ref) and max(ref) == 20
-  for step in (15, 20):
+  assert sorted(ours) == sorted(ref) == list(range(1, 7))
+  assert ref[6]["train/objective/kl_coef"] != pytest.approx(config.ppo.kl_coef, rel=1e-3)
+  for step in (4, 5, 6):
     for key in ("train/objective/scores", "train/objective/kl", "train/loss/policy_avg",
                 "train/objective/kl_coef"):
       np.testing.assert_allclose(ours[step][key], ref[step][key], rtol=1e-5,

@@ -26,24 +26,33 @@ def test_incremental_decoding_matches_full_forward(scan):
   params = _params(cfg)
   tokens = jnp.asarray([[0, 0, 7, 8, 9, 10, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
   segments = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8], jnp.int32)
-  full, _ = Decoder(cfg).apply({"params": params}, tokens, segments)
+  apply = jax.jit(lambda p, *a, **kw: Decoder(cfg).apply({"params": p}, *a, **kw))
+  full, _ = apply(params, tokens, segments)
   cache = init_cache(cfg, 2, 8)
-  prefill, _, cache = Decoder(cfg).apply({"params": params}, tokens[:, :5], segments[:, :5],
-                                         cache=cache)
+  prefill, _, cache = apply(params, tokens[:, :5], segments[:, :5], cache=cache)
   real = np.asarray(segments[:, :5]) == 1  # padding's outputs are never read
   np.testing.assert_allclose(np.asarray(prefill)[real], np.asarray(full)[:, :5][real], atol=1e-5)
   positions = np.asarray([[3, 4, 5], [5, 6, 7]])
   for t in range(5, 8):
-    step, _, cache = Decoder(cfg).apply({"params": params}, tokens[:, t:t + 1],
-                                        segments[:, t:t + 1], positions[:, t - 5:t - 4], cache=cache)
+    step, _, cache = apply(params, tokens[:, t:t + 1], segments[:, t:t + 1],
+                           positions[:, t - 5:t - 4], cache=cache)
     np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5, err_msg=f"t={t}")
 
 
-def _greedy_reference(params, prompt, n):
+@jax.jit
+def _full_logits(params, tokens_bt, segments_bt):
+  return Decoder(CFG).apply({"params": params}, tokens_bt, segments_bt)[0]
+
+
+def _greedy_reference(params, prompt, n, width=16):
+  """Full forward passes, no cache: the sequence is right-padded to one width (one compile); a
+  causal model's logits at the last real token do not see the padding after it."""
   seq = list(prompt)
   for _ in range(n):
-    logits, _ = Decoder(CFG).apply({"params": params}, jnp.asarray([seq], jnp.int32))
-    seq.append(int(jnp.argmax(logits[0, -1])))
+    pad = width - len(seq)
+    logits = _full_logits(params, jnp.asarray([seq + [0] * pad], jnp.int32),
+                          jnp.asarray([[1] * len(seq) + [0] * pad], jnp.int32))
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
   return seq[len(prompt):]
 
 
@@ -92,10 +101,13 @@ def test_prompt_tuning_decoding_matches_full_forward():
   params = _params(peft=peft)
   prompt = [4, 5, 6]
   out = generate(params, CFG, [prompt], SamplingConfig(max_new_tokens=4), pad_id=0, peft=peft)
+  apply = jax.jit(lambda p, t, s: Decoder(CFG, peft).apply({"params": p}, t, s)[0])
   seq = list(prompt)
-  for _ in range(4):
-    logits, _ = Decoder(CFG, peft).apply({"params": params}, jnp.asarray([seq], jnp.int32))
-    seq.append(int(jnp.argmax(logits[0, -1])))
+  for _ in range(4):  # right-padded to one width, as in _greedy_reference
+    pad = 8 - len(seq)
+    logits = apply(params, jnp.asarray([seq + [0] * pad], jnp.int32),
+                   jnp.asarray([[1] * len(seq) + [0] * pad], jnp.int32))
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
   assert out[0] == seq[3:]
 
 
