@@ -1,6 +1,8 @@
 """Reward model and PPO on tiny models: the score index, the rollout's log-probs, a reward model
 that learns, PPO raising the word-list reward, and the tokenizer check."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from research.stages.ppo import same_tokenizer
 from research.stages.ppo_step import PPOModels, PPOSettings, rollout
 from research.train.state import TrainState
 
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 CFG = ModelConfig(vocab_size=48, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   mlp_dim=64)
 
@@ -164,12 +167,14 @@ def test_reward_model_learns_a_preference(tmp_path):
   assert evals[-1]["eval/accuracy"] >= 0.9, evals
   assert evals[-1]["eval/margin"] > evals[0]["eval/margin"]
   assert out["eval"]["eval/pairs"] == 32
-  _check_sequence_classifier_export(tmp_path, path)
+  hh_rlhf = SHARED_DATA / "hh_rlhf_harmless_test_500.jsonl"  # real dialogues, when present
+  _check_sequence_classifier_export(tmp_path, [path] + [hh_rlhf] * hh_rlhf.is_file())
 
 
-def _check_sequence_classifier_export(tmp_path, pairs_path):
+def _check_sequence_classifier_export(tmp_path, pairs_paths):
   """`scripts/convert.py to-hf` of the reward workdir gives LlamaForSequenceClassification, which
-  scores every completion (right-padded batch) as the reward model does here, to 1e-4."""
+  scores every completion (right-padded batch) of the first pairs of each file as the reward model
+  does here, to 1e-4."""
   import subprocess
   import sys
   import torch
@@ -183,15 +188,16 @@ def _check_sequence_classifier_export(tmp_path, pairs_path):
                   str(out_dir)], check=True, capture_output=True, timeout=300)
   cfg, peft, params, tok_dir, _ = load_run(str(tmp_path / "rm"))
   tokenizer = load_tokenizer(tok_dir)
-  records = preferences.read_preference_records(str(pairs_path))[:6]
-  arrays, _ = preferences.tokenize_preferences(records, tokenizer, 64, "truncate")
-  ours = np.asarray(completion_scores(params, cfg, peft, {k: jnp.asarray(v) for k, v in
-                                                         arrays.items()}))
   model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out_dir))
   assert type(model).__name__ == "LlamaForSequenceClassification"
   assert model.config.pad_token_id == tokenizer.pad_token_id
-  tokens = torch.tensor(arrays["tokens_bkt"].reshape(-1, 64), dtype=torch.long)
-  mask = torch.tensor(arrays["segment_ids_bkt"].reshape(-1, 64) > 0, dtype=torch.long)
-  with torch.no_grad():
-    theirs = model(input_ids=tokens, attention_mask=mask).logits[:, 0].numpy().reshape(ours.shape)
-  np.testing.assert_allclose(theirs, ours, atol=1e-4)
+  for pairs_path in pairs_paths:
+    records = preferences.read_preference_records(str(pairs_path))[:6]
+    arrays, _ = preferences.tokenize_preferences(records, tokenizer, 64, "truncate")
+    ours = np.asarray(completion_scores(params, cfg, peft, {k: jnp.asarray(v) for k, v in
+                                                           arrays.items()}))
+    tokens = torch.tensor(arrays["tokens_bkt"].reshape(-1, 64), dtype=torch.long)
+    mask = torch.tensor(arrays["segment_ids_bkt"].reshape(-1, 64) > 0, dtype=torch.long)
+    with torch.no_grad():
+      theirs = model(input_ids=tokens, attention_mask=mask).logits[:, 0].numpy()
+    np.testing.assert_allclose(theirs.reshape(ours.shape), ours, atol=1e-4, err_msg=str(pairs_path))
