@@ -33,15 +33,6 @@ PROMPTS = ("import os\n\nclass Reader:\n    def __init__(self", "def ")
 NEW_TOKENS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """Tiny models: with 2 OpenMP threads on a busy 2-core host a forward took 0.3 s, with 1 2 ms."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer(tmp_path_factory) -> tuple[str, str]:
   root = tmp_path_factory.mktemp("e2e_data")

@@ -34,15 +34,6 @@ NEW_TOKENS = 12
 EOS_AT = 4  # prompt 0's greedy continuation is made to end with EOS as its 5th token
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """Tiny models: on a busy 2-core host torch's 2 OpenMP threads make a forward ~100x slower."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.run([sys.executable, "scripts/generate.py", *args], cwd=ROOT, env=env,
