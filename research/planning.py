@@ -144,19 +144,22 @@ def activation_estimate(cfg: ModelConfig, peft: PeftConfig, mesh: Mesh, rules: R
   tokens = rows_per_device * seq_len
   # Per token and layer, in elements of the compute dtype, what autodiff keeps with no remat:
   # norms' inputs/outputs, q/k/v (+rotated, +repeated k/v), attention output, gate/up/swiglu;
-  # and per token the attention scores kept as float32 softmax output plus the cast probs.
+  # attention keeps only each query row's float32 max and sum (`attend` recomputes the
+  # probabilities in its backward). While a layer runs, its float32 scores and cast probabilities
+  # exist for a moment: they count in the working set, not in what is kept.
   dense_all = 4 * e + (h + 2 * k) * d + (h + k) * d + 2 * h * d + h * d + 3 * f
+  row_stats = h * 2 * 4
   scores = h * s * (4 + c)
   per_token = {
-      "none": dense_all * c + scores,
+      "none": dense_all * c + row_stats,
       "full": e * c,
       "dots": (2 * e + (h + 2 * k) * d + h * d + 3 * f) * c + h * s * 4,
       "dots_no_batch": (2 * e + (h + 2 * k) * d + 3 * f) * c,
   }[cfg.remat_policy]
   saved = per_token * tokens * L
   # The layer being differentiated holds its full set plus gradients of the same size.
-  working = 0 if cfg.remat_policy == "none" else 2 * (dense_all * c + scores) * tokens
-  logits = 3 * tokens * v * 4  # float32 logits, log-softmax and their gradient
+  working = (scores if cfg.remat_policy == "none" else 2 * (dense_all * c + scores)) * tokens
+  logits = 2 * tokens * v * 4  # float32 logits and their gradient (token_nll's closed form)
   return {"saved_activations": float(saved), "layer_working_set": float(working),
           "logits": float(logits), "gradients": float(trained_bytes_f32),
           "total": float(saved + working + logits + trained_bytes_f32)}
