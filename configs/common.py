@@ -12,7 +12,7 @@ def model_config(**overrides) -> ConfigDict:
       vocab_size=0, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
       head_dim=placeholder(int), mlp_dim=688, rope_theta=10000.0, rms_norm_eps=1e-6,
       attention_bias=False, tie_embeddings=False, max_position_embeddings=2048,
-      dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="dots_no_batch",
+      dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="dots_attention",
       hf_architecture="llama"))
   c.update(overrides)
   return c

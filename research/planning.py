@@ -155,6 +155,7 @@ def activation_estimate(cfg: ModelConfig, peft: PeftConfig, mesh: Mesh, rules: R
       "full": e * c,
       "dots": (2 * e + (h + 2 * k) * d + h * d + 3 * f) * c + h * s * 4,
       "dots_no_batch": (2 * e + (h + 2 * k) * d + 3 * f) * c,
+      "dots_attention": (2 * e + (h + 2 * k) * d + 3 * f + (h + k) * d + h * d) * c + row_stats,
   }[cfg.remat_policy]
   saved = per_token * tokens * L
   # The layer being differentiated holds its full set plus gradients of the same size.

@@ -87,18 +87,30 @@ def test_tied_embeddings_have_no_lm_head_and_head_dim_is_independent():
 
 def test_attention_backward_matches_autodiff_of_plain_softmax_attention():
   """`attend` recomputes the probabilities in its backward; its gradients equal autodiff of the
-  plain product, with packed segments, padding queries (no visible key) and padding keys."""
+  plain product, with packed segments, padding queries (no visible key: zeros) and padding keys.
+  With causal query blocks (the upper triangle skipped) it is the same function."""
   from research.models.layers import MASK_VALUE, attend, attention_mask
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  q, k, v, w = (jax.random.normal(key, (2, 7, 3, 4)) for key in keys)
-  mask = attention_mask(jnp.array([[1, 1, 1, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1]]))
+  q, k, v, w = (jax.random.normal(key, (2, 8, 3, 4)) for key in keys)
+  mask = attention_mask(jnp.array([[1, 1, 1, 2, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]]))
 
   def plain(q, k, v):
     scores = jnp.where(mask, jnp.einsum("bthd,bshd->bhts", q * 0.5, k), MASK_VALUE)
-    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+    out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
+    return out * jnp.any(mask, axis=-1)[:, 0, :, None, None]
 
-  np.testing.assert_allclose(attend(q, k, v, mask, 0.5), plain(q, k, v), atol=1e-6)
-  ours = jax.grad(lambda *a: jnp.sum(attend(*a, mask, 0.5) * w), (0, 1, 2))(q, k, v)
+  ref_out = plain(q, k, v)
+  assert not np.any(np.asarray(ref_out[0, 6:])) and not np.any(np.asarray(ref_out[1, :2]))
   ref = jax.grad(lambda *a: jnp.sum(plain(*a) * w), (0, 1, 2))(q, k, v)
-  for name, a, b in zip("qkv", ours, ref):
-    np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+  for blocks in (1, 2, 4):
+    np.testing.assert_allclose(attend(q, k, v, mask, 0.5, blocks), ref_out, atol=1e-6,
+                               err_msg=f"blocks={blocks}")
+    ours = jax.grad(lambda *a: jnp.sum(attend(*a, mask, 0.5, blocks) * w), (0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, ref):
+      np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}, blocks={blocks}")
+
+
+def test_causal_blocks_are_at_least_64_queries_and_at_most_8():
+  from research.models.layers import causal_blocks
+  assert [causal_blocks(t) for t in (7, 64, 127, 128, 256, 512, 2048, 4096, 320)] == \
+      [1, 1, 1, 2, 4, 8, 8, 8, 5]

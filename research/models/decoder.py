@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from research.models.config import ModelConfig
-from research.models.layers import DecoderBlock, RMSNorm, apply_flat, logical, param_init
+from research.models.layers import (DecoderBlock, RMSNorm, apply_flat, attention_mask,
+                                    head_dot_general, logical, param_init, rotary_tables)
 from research.models.peft import NO_PEFT, PeftConfig
 
 Params = dict[str, Any]
@@ -23,6 +24,12 @@ _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The weight matmuls' outputs, plus what attention's backward reads: the rotated q and k and
+    # attention's output with its row max and sum (names set in layers.py). Only norms, SwiGLU
+    # and the head repeat are recomputed; attention's forward is not run twice.
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attention", "rotary")),
 }
 
 
@@ -76,25 +83,30 @@ class Decoder(nn.Module):
           x_bte, segment_ids_bt, positions_bt, n_virtual)
 
     key_segments_bs = cache_index = layers_kv = None
-    if cache is not None:
+    if cache is None:
+      mask_b1ts = attention_mask(segment_ids_bt)
+    else:
       cache_index = cache["index"]
       key_segments_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bt,
                                                      (0, cache_index))
+      mask_b1ts = attention_mask(segment_ids_bt, key_segments_bs, cache_index)
       layers_kv = (cache["k"], cache["v"])
+    # Built once here, read by every layer (see rotary_tables).
+    rope = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
     block = self._block()
     if cfg.scan_layers:
       x_bte, new_kv = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
           length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, peft, self.deterministic, name="layers")(
-          x_bte, segment_ids_bt, positions_bt, layers_kv, key_segments_bs, cache_index)
+          x_bte, mask_b1ts, rope, layers_kv, cache_index)
     else:
       new_kv_list = []
       for i in range(cfg.num_layers):
         layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
         x_bte, kv = block(cfg, peft, self.deterministic, name=f"layers_{i}")(
-            x_bte, segment_ids_bt, positions_bt, layer_kv, key_segments_bs, cache_index)
+            x_bte, mask_b1ts, rope, layer_kv, cache_index)
         new_kv_list.append(kv)
       new_kv = None if layers_kv is None else jax.tree.map(lambda *xs: jnp.stack(xs),
                                                              *new_kv_list)
@@ -111,7 +123,7 @@ class Decoder(nn.Module):
       else:
         logits_btv = apply_flat(
             nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.weight_dtype, name="lm_head",
+                     param_dtype=cfg.weight_dtype, name="lm_head", dot_general=head_dot_general,
                      kernel_init=logical(param_init(cfg), ("embed", "vocab"))), hidden_bte)
     if cache is None:
       return logits_btv, hidden_bte

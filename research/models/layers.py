@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from research.models.config import ModelConfig
@@ -56,24 +57,56 @@ def apply_flat(layer: Callable[[jax.Array], jax.Array], x: jax.Array, feature_ax
   return y.reshape(lead + y.shape[1:])
 
 
+@jax.custom_vjp
+def _matmul_tx(x_ne: jax.Array, w_ef: jax.Array) -> jax.Array:
+  return jnp.dot(x_ne, w_ef)
+
+
+def _matmul_tx_fwd(x_ne, w_ef):
+  return jnp.dot(x_ne, w_ef), (x_ne, w_ef)
+
+
+def _matmul_tx_bwd(res, g_nf):
+  x_ne, w_ef = res
+  dx_ne = jax.lax.dot_general(g_nf, w_ef, (((1,), (1,)), ((), ())))
+  # x^T laid out row-major before the product: XLA otherwise folds the transpose into the dot as
+  # a contraction over the operands' leading (token) axis, which XLA:CPU hands to Eigen at about
+  # half the rate of the same GEMM on row-major operands (a wide head: 76 vs 162 GFLOP/s at
+  # [2048 x 256] x [2048 x 8192]). The copy is of the narrow activation, not of the [N, V] gradient.
+  x_en = jax.lax.optimization_barrier(x_ne.T)
+  return dx_ne, jnp.dot(x_en, g_nf).astype(w_ef.dtype)
+
+
+_matmul_tx.defvjp(_matmul_tx_fwd, _matmul_tx_bwd)
+
+
+def head_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` for `nn.Dense(dot_general=...)` whose weight gradient is computed from a
+  materialised x^T (see `_matmul_tx`); other shapes and options fall through to the plain product."""
+  plain = ((((1,), (0,)), ((), ())))
+  if (lhs.ndim == 2 and rhs.ndim == 2 and dimension_numbers == plain and precision is None
+      and preferred_element_type is None):
+    return _matmul_tx(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
 def _masked_scores(q_bthd, k_bshd, mask_b1ts, scale: float):
   scores_bhts = jnp.einsum("bthd,bshd->bhts", q_bthd * scale, k_bshd,
                            preferred_element_type=jnp.float32)
   return jnp.where(mask_b1ts, scores_bhts, MASK_VALUE)
 
 
-def _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale):
+def _block_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale):
   scores_bhts = _masked_scores(q_bthd, k_bshd, mask_b1ts, scale)
   max_bht1 = jnp.max(scores_bhts, axis=-1, keepdims=True)
   exp_bhts = jnp.exp(scores_bhts - max_bht1)
   sum_bht1 = jnp.sum(exp_bhts, axis=-1, keepdims=True)
   probs_bhts = (exp_bhts / sum_bht1).astype(v_bshd.dtype)
-  out_bthd = jnp.einsum("bhts,bshd->bthd", probs_bhts, v_bshd)
-  return out_bthd, (q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1)
+  return jnp.einsum("bhts,bshd->bthd", probs_bhts, v_bshd), max_bht1, sum_bht1
 
 
-def _attend_bwd(scale, res, g_bthd):
-  q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1 = res
+def _block_bwd(scale, q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1, g_bthd):
   # The probabilities again, from the scores and the saved row max and sum (flash attention's
   # backward): one more QK^T product instead of a [B, H, T, S] residual per layer.
   probs_bhts = jnp.exp(_masked_scores(q_bthd, k_bshd, mask_b1ts, scale) - max_bht1) / sum_bht1
@@ -83,26 +116,78 @@ def _attend_bwd(scale, res, g_bthd):
   # sum_s dP * P = sum_d dO * O per query (the softmax backward's row term, from [B, T, H, D]).
   rowdot_bht1 = jnp.einsum("bthd,bthd->bht", g32_bthd,
                            out_bthd.astype(jnp.float32))[..., None]
-  # Masked scores are constants (a row with no visible key, e.g. a padding query, has uniform
-  # probabilities but no gradient into q or k).
   dscores_bhts = jnp.where(mask_b1ts, probs_bhts * (dprobs_bhts - rowdot_bht1) * scale,
                            0.0).astype(q_bthd.dtype)
   dq_bthd = jnp.einsum("bhts,bshd->bthd", dscores_bhts, k_bshd)
   dk_bshd = jnp.einsum("bhts,bthd->bshd", dscores_bhts, q_bthd)
-  return dq_bthd, dk_bshd, dv_bshd, None
+  return dq_bthd, dk_bshd, dv_bshd
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def attend(q_bthd, k_bshd, v_bshd, mask_b1ts, scale: float):
+def _blocks(t: int, s: int, blocks: int):
+  """(query slice, number of keys) per query block: block i sees keys [0, end of block i)."""
+  if blocks == 1:
+    return [(slice(0, t), s)]
+  c = t // blocks
+  return [(slice(i * c, (i + 1) * c), (i + 1) * c) for i in range(blocks)]
+
+
+def _row_visible(mask_b1ts):
+  return jnp.any(mask_b1ts, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]
+
+
+def _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale, blocks):
+  outs, maxes, sums = [], [], []
+  for rows, n in _blocks(q_bthd.shape[1], k_bshd.shape[1], blocks):
+    out, mx, sm = _block_fwd(q_bthd[:, rows], k_bshd[:, :n], v_bshd[:, :n],
+                             mask_b1ts[:, :, rows, :n], scale)
+    outs.append(out), maxes.append(mx), sums.append(sm)
+  out_bthd = jnp.where(_row_visible(mask_b1ts), jnp.concatenate(outs, axis=1), 0.0)
+  max_bht1, sum_bht1 = jnp.concatenate(maxes, axis=2), jnp.concatenate(sums, axis=2)
+  # Named for remat policies that keep them (see decoder.REMAT_POLICIES' 'dots_attention').
+  out_bthd, max_bht1, sum_bht1 = (checkpoint_name(x, "attention")
+                                  for x in (out_bthd, max_bht1, sum_bht1))
+  return out_bthd, (q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1)
+
+
+def _attend_bwd(scale, blocks, res, g_bthd):
+  q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1 = res
+  g_bthd = jnp.where(_row_visible(mask_b1ts), g_bthd, 0.0)
+  s = k_bshd.shape[1]
+  dqs, dk_bshd, dv_bshd = [], 0.0, 0.0
+  for rows, n in _blocks(q_bthd.shape[1], s, blocks):
+    dq, dk, dv = _block_bwd(scale, q_bthd[:, rows], k_bshd[:, :n], v_bshd[:, :n],
+                            mask_b1ts[:, :, rows, :n], out_bthd[:, rows], max_bht1[:, :, rows],
+                            sum_bht1[:, :, rows], g_bthd[:, rows])
+    pad = ((0, 0), (0, s - n), (0, 0), (0, 0))
+    dqs.append(dq)
+    dk_bshd, dv_bshd = dk_bshd + jnp.pad(dk, pad), dv_bshd + jnp.pad(dv, pad)
+  return jnp.concatenate(dqs, axis=1), dk_bshd, dv_bshd, None
+
+
+def causal_blocks(t: int) -> int:
+  """Query blocks for `attend` over T causal queries and keys: blocks of at least 64 queries, at
+  most 8 of them (block i then computes (i+1)/8 of the full score matrix; 8 blocks do 56%)."""
+  blocks = min(8, t // 64)
+  while blocks > 1 and t % blocks:
+    blocks -= 1
+  return max(blocks, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attend(q_bthd, k_bshd, v_bshd, mask_b1ts, scale: float, blocks: int = 1):
   """softmax(q k^T * scale, masked) v with K/V heads already repeated to the query heads. [B, T, H, D]
 
-  The forward is the plain product; the backward recomputes the probabilities from the saved
-  row max and sum instead of keeping them. Autodiff (even with a custom softmax backward) keeps
-  a [B, H, T, S] float32 array per layer, which under `nn.scan` is also zero-filled and copied
-  into a per-layer stack every step, and fuses the softmax backward's row sum into the dP
-  product, which XLA:CPU then runs at a quarter of its matmul rate.
+  A query with no visible key (padding) gets zeros. The backward recomputes the probabilities
+  from the saved row max and sum instead of keeping them. Autodiff (even with a custom softmax
+  backward) keeps a [B, H, T, S] float32 array per layer, which under `nn.scan` is also
+  zero-filled and copied into a per-layer stack every step, and fuses the softmax backward's row
+  sum into the dP product, which XLA:CPU then runs at a quarter of its matmul rate.
+
+  `blocks` > 1 (T == S, and a causal mask: no query sees a later key) splits the queries into
+  equal blocks, and block i computes scores only against the keys up to its own end: the
+  never-visible upper triangle is skipped, forward and backward (`causal_blocks` picks the count).
   """
-  return _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale)[0]
+  return _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale, blocks)[0]
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
@@ -128,17 +213,27 @@ def _swiglu_bwd(res, g):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-def rotary_embedding(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the Hugging Face half-rotation layout (first half pairs with second half)."""
-  d = x_bthd.shape[-1]
-  inv_freq_h = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+def rotary_tables(positions_bt: jax.Array, head_dim: int, theta: float):
+  """(cos, sin), float32 [B, T, 1, D], in the Hugging Face half-rotation layout (first half pairs
+  with second half). The decoder builds them once per call and every layer reads them: made inside
+  each layer, XLA fuses the trigonometry into the layer's q/k transposes and recomputes it per head,
+  per layer and again under remat."""
+  inv_freq_h = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   freqs_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq_h
-  angles_btd = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-  cos, sin = jnp.cos(angles_btd), jnp.sin(angles_btd)
+  angles_btd = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)[:, :, None, :]
+  return jnp.cos(angles_btd), jnp.sin(angles_btd)
+
+
+def apply_rotary(x_bthd: jax.Array, cos_bt1d: jax.Array, sin_bt1d: jax.Array) -> jax.Array:
   x32 = x_bthd.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x_bthd.dtype)
+  return (x32 * cos_bt1d + rotated * sin_bt1d).astype(x_bthd.dtype)
+
+
+def rotary_embedding(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding of `x` at `positions` (tables and application in one call)."""
+  return apply_rotary(x_bthd, *rotary_tables(positions_bt, x_bthd.shape[-1], theta))
 
 
 def attention_mask(segment_ids_bt: jax.Array, key_segment_ids_bs: jax.Array | None = None,
@@ -160,7 +255,6 @@ class KVCache(NamedTuple):
   """One layer's cache slice as the attention sees it (stacked over layers in the decoder)."""
   k_bskd: jax.Array
   v_bskd: jax.Array
-  segment_ids_bs: jax.Array  # already holds the current tokens' segments
   index: jax.Array  # int32 []: slot of the first current token
 
 
@@ -191,22 +285,23 @@ class Attention(nn.Module):
                       (heads, cfg.resolved_head_dim), 1, cfg, self.deterministic)
 
   @nn.compact
-  def __call__(self, x_bte, segment_ids_bt, positions_bt, cache: KVCache | None = None):
+  def __call__(self, x_bte, mask_b1ts, rope, cache: KVCache | None = None):
+    """`mask_b1ts` from `attention_mask`, `rope` = `rotary_tables(...)`: both built once by the
+    decoder for all layers. With `cache`, the mask's S axis is the cache's slots."""
     cfg = self.config
     q_bthd = self._proj(x_bte, cfg.num_heads, "heads", "q")
     k_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "k")
     v_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "v")
-    q_bthd = rotary_embedding(q_bthd, positions_bt, cfg.rope_theta)
-    k_btkd = rotary_embedding(k_btkd, positions_bt, cfg.rope_theta)
+    # Named for remat policies that keep them (see decoder.REMAT_POLICIES' 'dots_attention').
+    q_bthd = checkpoint_name(apply_rotary(q_bthd, *rope), "rotary")
+    k_btkd = checkpoint_name(apply_rotary(k_btkd, *rope), "rotary")
     if cache is None:
-      mask_b1ts = attention_mask(segment_ids_bt)
       new_cache = None
     else:  # write this step's keys and values into their slots, then attend over every slot
       k_btkd = jax.lax.dynamic_update_slice(cache.k_bskd, k_btkd.astype(cache.k_bskd.dtype),
                                             (0, cache.index, 0, 0))
       v_btkd = jax.lax.dynamic_update_slice(cache.v_bskd, v_btkd.astype(cache.v_bskd.dtype),
                                             (0, cache.index, 0, 0))
-      mask_b1ts = attention_mask(segment_ids_bt, cache.segment_ids_bs, cache.index)
       new_cache = (k_btkd, v_btkd)
     # Repeating KV heads keeps the score product a 4-D batched matmul, which XLA:CPU runs about
     # twice as fast as the 5-D grouped einsum (PERF-NOTES); on GPU/TPU the cost is the same.
@@ -214,8 +309,11 @@ class Attention(nn.Module):
     if groups > 1:
       k_btkd = jnp.repeat(k_btkd, groups, axis=2)
       v_btkd = jnp.repeat(v_btkd, groups, axis=2)
+    # Without a cache, queries and keys are the same T positions under a causal mask.
+    blocks = causal_blocks(x_bte.shape[1]) if cache is None else 1
     out_bthd = attend(q_bthd.astype(cfg.compute_dtype), k_btkd.astype(cfg.compute_dtype),
-                      v_btkd.astype(cfg.compute_dtype), mask_b1ts, cfg.resolved_head_dim ** -0.5)
+                      v_btkd.astype(cfg.compute_dtype), mask_b1ts, cfg.resolved_head_dim ** -0.5,
+                      blocks)
     base = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, name="o",
@@ -253,14 +351,12 @@ class DecoderBlock(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_bte, segment_ids_bt, positions_bt, layer_kv=None, key_segments_bs=None,
-               cache_index=None):
+  def __call__(self, x_bte, mask_b1ts, rope, layer_kv=None, cache_index=None):
     cfg, peft = self.config, self.peft
     norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-    cache = None if layer_kv is None else KVCache(*layer_kv, key_segments_bs, cache_index)
+    cache = None if layer_kv is None else KVCache(*layer_kv, cache_index)
     h = RMSNorm(**norm, name="attn_norm")(x_bte)
-    h, new_kv = Attention(cfg, peft, self.deterministic, name="attn")(h, segment_ids_bt,
-                                                                      positions_bt, cache)
+    h, new_kv = Attention(cfg, peft, self.deterministic, name="attn")(h, mask_b1ts, rope, cache)
     if peft.method == "adapter":
       h = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype,
                             name="attn_adapter")(h)
