@@ -97,8 +97,8 @@ class JaxParts(NamedTuple):
 
 
 def jax_parts(size: Size, layers: int | None = None) -> JaxParts:
-  """The step exactly as a stage builds it, on a 1-device mesh (config defaults: scanned layers,
-  no remat)."""
+  """The step exactly as a stage builds it, on a 1-device mesh (ModelConfig defaults: scanned
+  layers, remat 'dots_attention')."""
   import jax
   from ml_collections import ConfigDict
 
