@@ -150,12 +150,14 @@ def activation_estimate(cfg: ModelConfig, peft: PeftConfig, mesh: Mesh, rules: R
   dense_all = 4 * e + (h + 2 * k) * d + (h + k) * d + 2 * h * d + h * d + 3 * f
   row_stats = h * 2 * 4
   scores = h * s * (4 + c)
+  dots_no_batch = (2 * e + (h + 2 * k) * d + 3 * f) * c
   per_token = {
       "none": dense_all * c + row_stats,
       "full": e * c,
       "dots": (2 * e + (h + 2 * k) * d + h * d + 3 * f) * c + h * s * 4,
-      "dots_no_batch": (2 * e + (h + 2 * k) * d + 3 * f) * c,
-      "dots_attention": (2 * e + (h + 2 * k) * d + 3 * f + (h + k) * d + h * d) * c + row_stats,
+      "dots_no_batch": dots_no_batch,
+      # + rotated q/k and attention's output, plus its row statistics
+      "dots_attention": dots_no_batch + ((h + k) * d + h * d) * c + row_stats,
   }[cfg.remat_policy]
   saved = per_token * tokens * L
   # The layer being differentiated holds its full set plus gradients of the same size.

@@ -83,7 +83,7 @@ _matmul_tx.defvjp(_matmul_tx_fwd, _matmul_tx_bwd)
 def head_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """`lax.dot_general` for `nn.Dense(dot_general=...)` whose weight gradient is computed from a
   materialised x^T (see `_matmul_tx`); other shapes and options fall through to the plain product."""
-  plain = ((((1,), (0,)), ((), ())))
+  plain = (((1,), (0,)), ((), ()))
   if (lhs.ndim == 2 and rhs.ndim == 2 and dimension_numbers == plain and precision is None
       and preferred_element_type is None):
     return _matmul_tx(lhs, rhs)
@@ -151,7 +151,7 @@ def _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale, blocks):
   out_bhtd = jnp.where(_row_visible(mask_b1ts), jnp.concatenate(outs, axis=2), 0.0)
   out_bthd = jnp.swapaxes(out_bhtd, 1, 2)
   max_bht1, sum_bht1 = jnp.concatenate(maxes, axis=2), jnp.concatenate(sums, axis=2)
-  # Named for remat policies that keep them (see decoder.REMAT_POLICIES' 'dots_attention').
+  # Named for remat policies that keep them (see decoder._REMAT_POLICIES' 'dots_attention').
   out_bthd, max_bht1, sum_bht1 = (checkpoint_name(x, "attention")
                                   for x in (out_bthd, max_bht1, sum_bht1))
   return out_bthd, (q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1)
@@ -242,11 +242,6 @@ def apply_rotary(x_bthd: jax.Array, cos_bt1d: jax.Array, sin_bt1d: jax.Array) ->
   return (x32 * cos_bt1d + rotated * sin_bt1d).astype(x_bthd.dtype)
 
 
-def rotary_embedding(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding of `x` at `positions` (tables and application in one call)."""
-  return apply_rotary(x_bthd, *rotary_tables(positions_bt, x_bthd.shape[-1], theta))
-
-
 def attention_mask(segment_ids_bt: jax.Array, key_segment_ids_bs: jax.Array | None = None,
                    query_offset: jax.Array | int = 0) -> jax.Array:
   """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0).
@@ -303,7 +298,7 @@ class Attention(nn.Module):
     q_bthd = self._proj(x_bte, cfg.num_heads, "heads", "q")
     k_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "k")
     v_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "v")
-    # Named for remat policies that keep them (see decoder.REMAT_POLICIES' 'dots_attention').
+    # Named for remat policies that keep them (see decoder._REMAT_POLICIES' 'dots_attention').
     q_bthd = checkpoint_name(apply_rotary(q_bthd, *rope), "rotary")
     k_btkd = checkpoint_name(apply_rotary(k_btkd, *rope), "rotary")
     if cache is None:
