@@ -87,7 +87,8 @@ def lowered_step(config: ConfigDict, cfg: ModelConfig, peft: PeftConfig, mesh: M
   abstract, shardings = abstract_state(init_fn, tx, mesh, rules)
   b_sharding = batch_sharding(mesh, rules)
   loss = lm_loss_fn(cfg, peft, deterministic=False)
-  step = jit_train_step(make_train_step(loss, tx, schedule, micro_batches), shardings, b_sharding)
+  step = jit_train_step(make_train_step(loss, tx, schedule, micro_batches), shardings, b_sharding,
+                        rules)
   batch = abstract_batch(global_batch, seq_len_of(config), b_sharding)
   return step.lower(abstract, batch), abstract
 

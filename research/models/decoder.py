@@ -17,6 +17,7 @@ from research.models.config import ModelConfig
 from research.models.layers import (DecoderBlock, RMSNorm, apply_flat, attention_mask,
                                     head_dot_general, logical, param_init, rotary_tables)
 from research.models.peft import NO_PEFT, PeftConfig
+from research.parallel import activations as act
 
 Params = dict[str, Any]
 
@@ -76,7 +77,10 @@ class Decoder(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype, name="embed",
                      embedding_init=logical(param_init(cfg), ("vocab", "embed")))
-    x_bte = embed(tokens_bt)
+    # The lookup reads a table whose `embed` axis is whole: gathering rows from an FSDP-sharded
+    # table gives embed-sharded rows, which XLA cannot reshard to the batch sharding efficiently.
+    table_ve = act.constrain(embed.embedding, act.EMBED_TABLE).astype(cfg.compute_dtype)
+    x_bte = act.constrain(jnp.take(table_ve, tokens_bt, axis=0), act.RESIDUAL)
     n_virtual = peft.num_virtual_tokens if peft.method == "prompt" and prefill else 0
     if n_virtual:
       x_bte, segment_ids_bt, positions_bt = self._prepend_soft_prompt(
@@ -114,6 +118,7 @@ class Decoder(nn.Module):
                          name="final_norm")(x_bte)
     if n_virtual:
       hidden_bte = hidden_bte[:, n_virtual:]
+    hidden_bte = act.constrain(hidden_bte, act.RESIDUAL)
     logits_btv = None
     if compute_logits:
       # Flat [tokens, E] input: the head's weight gradient then needs no transposed copy of the
@@ -125,6 +130,7 @@ class Decoder(nn.Module):
             nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                      param_dtype=cfg.weight_dtype, name="lm_head", dot_general=head_dot_general,
                      kernel_init=logical(param_init(cfg), ("embed", "vocab"))), hidden_bte)
+      logits_btv = act.constrain(logits_btv, act.LOGITS)
     if cache is None:
       return logits_btv, hidden_bte
     new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": key_segments_bs,

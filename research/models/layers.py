@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from research.models.config import ModelConfig
 from research.models.peft import NO_PEFT, BottleneckAdapter, LoraDelta, PeftConfig
+from research.parallel import activations as act
 
 Initializer = Callable[..., jax.Array]
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -41,6 +42,9 @@ class RMSNorm(nn.Module):
                          self.param_dtype)
     x32 = x_bte.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # Whole on every device (FSDP shards it over `embed`): scaling a batch-sharded activation by
+    # an embed-sharded vector would make XLA reshard the activation instead.
+    scale_e = act.constrain(scale_e, act.WHOLE_VECTOR)
     # As transformers does: normalise in float32, cast back, then scale.
     return scale_e.astype(self.dtype) * normed.astype(self.dtype)
 
@@ -295,9 +299,9 @@ class Attention(nn.Module):
     """`mask_b1ts` from `attention_mask`, `rope` = `rotary_tables(...)`: both built once by the
     decoder for all layers. With `cache`, the mask's S axis is the cache's slots."""
     cfg = self.config
-    q_bthd = self._proj(x_bte, cfg.num_heads, "heads", "q")
-    k_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "k")
-    v_btkd = self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "v")
+    q_bthd = act.constrain(self._proj(x_bte, cfg.num_heads, "heads", "q"), act.QUERY_HEADS)
+    k_btkd = act.constrain(self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "k"), act.KV_HEADS)
+    v_btkd = act.constrain(self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "v"), act.KV_HEADS)
     # Named for remat policies that keep them (see decoder._REMAT_POLICIES' 'dots_attention').
     q_bthd = checkpoint_name(apply_rotary(q_bthd, *rope), "rotary")
     k_btkd = checkpoint_name(apply_rotary(k_btkd, *rope), "rotary")
@@ -345,8 +349,8 @@ class MLP(nn.Module):
       return _with_lora(base, x, self.peft, name, axes[:1], axes[1:], (features,), 1, cfg,
                         self.deterministic)
 
-    gate_btf = dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "gate")
-    up_btf = dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "up")
+    gate_btf = act.constrain(dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "gate"), act.MLP_HIDDEN)
+    up_btf = act.constrain(dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "up"), act.MLP_HIDDEN)
     return dense(swiglu(gate_btf, up_btf), cfg.hidden_size, ("mlp", "embed"), "down")
 
 
@@ -371,4 +375,4 @@ class DecoderBlock(nn.Module):
     if peft.method == "adapter":
       h = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype,
                             name="mlp_adapter")(h)
-    return x_bte + h, new_kv
+    return act.constrain(x_bte + h, act.RESIDUAL), new_kv

@@ -94,11 +94,11 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
   b_sharding = batch_sharding(mesh, rules)
   step_fn = (spec.make_step(tx, schedule) if spec.make_step else
              make_train_step(spec.train_loss, tx, schedule, config.train.micro_batches))
-  train_step = jit_train_step(step_fn, shardings, b_sharding)
+  train_step = jit_train_step(step_fn, shardings, b_sharding, rules)
   evaluate = None
   if spec.make_evaluator is not None:
     eval_step = jit_eval_step(make_eval_step(spec.eval_loss or spec.train_loss), shardings,
-                              b_sharding)
+                              b_sharding, rules)
     evaluate = spec.make_evaluator(eval_step, b_sharding)
   batches = loader.BatchIterator(spec.train_rows, config.train.global_batch, config.seed,
                                  start_position=extra.get("data_position", 0),

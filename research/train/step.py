@@ -7,6 +7,7 @@ same gradient as one big batch (token-weighted for LM losses, pair-weighted for 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from research.parallel.activations import activation_sharding
+from research.parallel.rules import DEFAULT_RULES, Rules
 from research.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -90,14 +93,29 @@ def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], tuple[jax.A
   return eval_step
 
 
-def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
-  """Explicit in/out shardings from the mesh and rules; the old state is donated."""
-  replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+def _traced_with(fn, mesh, rules: Rules):
+  """`fn` traced inside `activation_sharding`: the decoder's activations get the rules' shardings."""
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with activation_sharding(mesh, rules):
+      return fn(*args)
+  return traced
+
+
+def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding,
+                   rules: Rules = DEFAULT_RULES):
+  """Explicit in/out shardings from the mesh and rules; the old state is donated. Activations are
+  constrained by the same rules (`research.parallel.activations`)."""
+  mesh = batch_sharding.mesh
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(_traced_with(step_fn, mesh, rules), in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
-def jit_eval_step(eval_fn, state_shardings: TrainState, batch_sharding: NamedSharding):
-  replicated = NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(eval_fn, in_shardings=(state_shardings, batch_sharding),
+def jit_eval_step(eval_fn, state_shardings: TrainState, batch_sharding: NamedSharding,
+                  rules: Rules = DEFAULT_RULES):
+  mesh = batch_sharding.mesh
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(_traced_with(eval_fn, mesh, rules), in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(replicated, replicated))
