@@ -153,20 +153,29 @@ def _validate_json(path: str, text_field: str) -> int:
 
 
 def _validate_json_array(path: str, text_field: str) -> int:
+  num_records = 0
+  for where, record in json_array_records(path, "corpus"):
+    _check_record(record, text_field, where)
+    num_records += 1
+  return num_records
+
+
+def json_array_records(path: str, kind: str) -> Iterator[tuple[str, object]]:
+  """(where, record) for each object of a .json file holding one array; `kind` names the file
+  in errors ("corpus", "SFT"). A broken file is one DataError with its line."""
   try:
     with open(path, encoding="utf-8") as f:
       records = json.load(f)
   except UnicodeDecodeError as e:
-    raise DataError(f"corpus file {path} is not UTF-8: re-encode it as UTF-8") from e
+    raise DataError(f"{kind} file {path} is not UTF-8: re-encode it as UTF-8") from e
   except json.JSONDecodeError as e:
     raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                     "fix the file or write it as JSON lines (.jsonl)") from e
   if not isinstance(records, list):
     raise DataError(f"{path}: expected JSON lines or one array of objects, got a "
                     f"{type(records).__name__}; write one object per line")
-  for i, record in enumerate(records, start=1):
-    _check_record(record, text_field, f"{path} record {i}")
-  return len(records)
+  for number, record in enumerate(records, start=1):
+    yield f"{path} record {number}", record
 
 
 def _numbered_lines(path: str) -> Iterator[tuple[int, str]]:

@@ -15,7 +15,7 @@ import numpy as np
 import transformers
 
 from research.data.chat_template import KNOWN_ROLES, render_segments
-from research.data.corpus import resolve_corpus_files
+from research.data.corpus import json_array_records, resolve_corpus_files
 from research.data.loader import holdout_split, tokenize_corpus
 from research.data.packing import empty_rows
 from research.errors import ConfigError, DataError
@@ -164,7 +164,7 @@ def _raw_records(path: str) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as f:
       head = f.read(4096).lstrip()
     if head.startswith(b"["):
-      yield from _json_array_records(path)
+      yield from json_array_records(path, "SFT")
       return
     if head.startswith(b"{") and _is_single_object(path):
       raise DataError(f"{path}: holds one JSON object, not records: write an array of records "
@@ -191,22 +191,6 @@ def _is_single_object(path: str) -> bool:
       return isinstance(json.load(f), dict)
   except (UnicodeDecodeError, json.JSONDecodeError):
     return False  # JSON lines (or broken JSON, reported line by line)
-
-
-def _json_array_records(path: str) -> Iterator[tuple[str, object]]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      records = json.load(f)
-  except UnicodeDecodeError as e:
-    raise DataError(f"SFT file {path} is not UTF-8: re-encode it as UTF-8") from e
-  except json.JSONDecodeError as e:
-    raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                    "fix the file or write it as JSON lines (.jsonl)") from e
-  if not isinstance(records, list):
-    raise DataError(f"{path}: expected JSON lines or one array of objects, got a "
-                    f"{type(records).__name__}")
-  for number, record in enumerate(records, start=1):
-    yield f"{path} record {number}", record
 
 
 def _parquet_records(path: str) -> Iterator[tuple[str, object]]:
