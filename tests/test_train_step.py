@@ -6,6 +6,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from research.models.config import ModelConfig
+from research.models.peft import NO_PEFT, PeftConfig
 from research.parallel.mesh import make_mesh
 from research.parallel.rules import batch_sharding
 from research.stages.lm import decoder_init, lm_loss_fn
@@ -33,14 +34,15 @@ def _batch(rng, rows=8, t=16):
               loss_mask=mask)
 
 
-def _run(mesh_sizes, steps=3, micro_batches=1, devices=None):
+def _run(mesh_sizes, steps=3, micro_batches=1, devices=None, peft=NO_PEFT):
   mesh = make_mesh(mesh_sizes, devices)
   tx, schedule = make_optimizer(OPT, total_steps=10)
-  init_fn = decoder_init(CFG)
+  init_fn = decoder_init(CFG, peft)
   _, shardings = abstract_state(init_fn, tx, mesh)
   state = init_state(init_fn, tx, shardings, seed=0)
   bs = batch_sharding(mesh)
-  step = jit_train_step(make_train_step(lm_loss_fn(CFG), tx, schedule, micro_batches), shardings, bs)
+  step = jit_train_step(make_train_step(lm_loss_fn(CFG, peft), tx, schedule, micro_batches),
+                        shardings, bs)
   rng = np.random.default_rng(0)
   losses = []
   for _ in range(steps):
@@ -73,6 +75,20 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
   ref_losses, ref_params, _ = single_device_run
   losses, params, _ = _run({"data": 1, "fsdp": 1, "tensor": 1}, micro_batches=4,
                            devices=jax.devices()[:1])
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+
+
+@pytest.mark.parametrize("peft", [
+    PeftConfig("lora", r=4, targets=("q", "v", "o", "gate", "up", "down")),
+    PeftConfig("prompt", num_virtual_tokens=3),
+    PeftConfig("adapter", adapter_dim=8)], ids=lambda p: p.method)
+def test_peft_on_a_sharded_mesh_matches_single_device(peft):
+  """PEFT modules (LoRA deltas, the prepended soft prompt, adapters) under the activation
+  constraints on a (2, 2, 2) mesh: the same losses and trained params as on one device."""
+  ref_losses, ref_params, _ = _run({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1],
+                                   peft=peft)
+  losses, params, _ = _run({"data": 2, "fsdp": 2, "tensor": 2}, peft=peft)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
 
