@@ -34,9 +34,9 @@ EMBED_TABLE = ("vocab", None)
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None, rules: Rules) -> Iterator[None]:
+def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
   """Within this block (while a step is traced), `constrain` pins activations on `mesh`."""
-  token = _ACTIVE.set(None if mesh is None else (mesh, tuple(rules)))
+  token = _ACTIVE.set((mesh, tuple(rules)))
   try:
     yield
   finally:
