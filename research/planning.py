@@ -163,9 +163,13 @@ def activation_estimate(cfg: ModelConfig, peft: PeftConfig, mesh: Mesh, rules: R
   saved = per_token * tokens * L
   # The layer being differentiated holds its full set plus gradients of the same size.
   working = (scores if cfg.remat_policy == "none" else 2 * (dense_all * c + scores)) * tokens
-  logits = 2 * tokens * v * 4  # float32 logits and their gradient (token_nll's closed form)
+  # float32 logits and their gradient, of one chunk when the LM loss is chunked (plus the hidden
+  # states' gradient it keeps), else of every token (token_nll's closed form).
+  chunk = min(tokens, cfg.loss_chunk_tokens or tokens)
+  logits = 2 * chunk * v * 4 + (tokens * e * c if chunk < tokens else 0)
   return {"saved_activations": float(saved), "layer_working_set": float(working),
-          "logits": float(logits), "gradients": float(trained_bytes_f32),
+          "logits": float(logits), "logits_traffic": float(2 * tokens * v * 4),
+          "gradients": float(trained_bytes_f32),
           "total": float(saved + working + logits + trained_bytes_f32)}
 
 
@@ -208,12 +212,12 @@ def hbm_traffic_floor(cfg: ModelConfig, mesh: Mesh, micro_batches: int, trained_
   """Bytes each device must move through HBM per step, from shapes: the (gathered) weights read
   forward, backward and again when rematerialising, per micro-batch; the AdamW update (read
   params, grads, mu, nu; write params, mu, nu: 7 x 4 bytes per trained param); activations,
-  working set and logits each written once and read once."""
+  working set and every token's logits (chunked or not) each written once and read once."""
   c = jnp.dtype(cfg.dtype).itemsize
   passes = 2 + (cfg.remat_policy != "none")
   weights = matmul_params(cfg) / mesh.shape["tensor"] * c * passes
   activations = 2 * (estimate["saved_activations"] + estimate["layer_working_set"] +
-                     estimate["logits"])
+                     estimate["logits_traffic"])
   return float(micro_batches * (weights + activations) + 7 * 4 * trained_per_device)
 
 

@@ -1,5 +1,7 @@
 """The sharded train step: the same loss and params on every mesh shape; accumulation is exact."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -34,14 +36,14 @@ def _batch(rng, rows=8, t=16):
               loss_mask=mask)
 
 
-def _run(mesh_sizes, steps=3, micro_batches=1, devices=None, peft=NO_PEFT):
+def _run(mesh_sizes, steps=3, micro_batches=1, devices=None, peft=NO_PEFT, cfg=CFG):
   mesh = make_mesh(mesh_sizes, devices)
   tx, schedule = make_optimizer(OPT, total_steps=10)
-  init_fn = decoder_init(CFG, peft)
+  init_fn = decoder_init(cfg, peft)
   _, shardings = abstract_state(init_fn, tx, mesh)
   state = init_state(init_fn, tx, shardings, seed=0)
   bs = batch_sharding(mesh)
-  step = jit_train_step(make_train_step(lm_loss_fn(CFG, peft), tx, schedule, micro_batches),
+  step = jit_train_step(make_train_step(lm_loss_fn(cfg, peft), tx, schedule, micro_batches),
                         shardings, bs)
   rng = np.random.default_rng(0)
   losses = []
@@ -77,6 +79,20 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
                            devices=jax.devices()[:1])
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+
+
+@pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 2, 2), (1, 8, 1)])
+def test_chunked_lm_loss_matches_whole_logits_on_every_mesh(sizes):
+  """The LM head run in chunks of 4 tokens per device (several chunks, one partial kernel
+  gradient per batch shard) trains exactly as whole logits on one device."""
+  ref_losses, ref_params, _ = _run({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1],
+                                   cfg=CFG.replace(loss_chunk_tokens=0))
+  n = int(np.prod(sizes))
+  losses, params, _ = _run(dict(zip(("data", "fsdp", "tensor"), sizes)), devices=jax.devices()[:n],
+                           cfg=CFG.replace(loss_chunk_tokens=4))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
+               ref_params)
 
 
 @pytest.mark.parametrize("peft", [
@@ -116,3 +132,51 @@ def test_fsdp_activations_are_sharded_over_the_batch():
 
   ours, theirs = temp_bytes(jit_train_step(step_fn, shardings, bs)), temp_bytes(unconstrained)
   assert ours < 0.5 * theirs, (ours, theirs)
+
+
+def test_chunked_lm_loss_never_holds_the_whole_logits():
+  """With a large vocabulary the step's temporaries shrink by more than one whole [B, T, V]
+  float32 logits buffer when the LM head runs in chunks (whole: the logits and their gradient)."""
+  cfg = ModelConfig(vocab_size=4096, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64)
+  mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  tx, schedule = make_optimizer(OPT, total_steps=10)
+  b, t = 8, 64
+  bs = batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((b, t), np.float32 if k == "loss_mask" else np.int32,
+                                   sharding=bs)
+           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+
+  def temp_bytes(chunk_tokens):
+    c = cfg.replace(loss_chunk_tokens=chunk_tokens)
+    abstract, shardings = abstract_state(decoder_init(c), tx, mesh)
+    step = jit_train_step(make_train_step(lm_loss_fn(c), tx, schedule), shardings, bs)
+    return step.lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
+
+  logits_bytes = b * t * cfg.vocab_size * 4
+  chunked, whole = temp_bytes(64), temp_bytes(0)
+  assert chunked < whole - logits_bytes, (chunked, whole, logits_bytes)
+
+
+def test_chunked_lm_loss_loop_has_no_collectives_under_fsdp():
+  """Each device sums its own shard's kernel gradient and loss inside the chunk loop: the loop
+  body (the computation holding the [rows, vocab] logits product) has no cross-device collective;
+  the partial sums meet once, after it."""
+  cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                    mlp_dim=128, loss_chunk_tokens=16)
+  mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+  tx, schedule = make_optimizer(OPT, total_steps=10)
+  abstract, shardings = abstract_state(decoder_init(cfg), tx, mesh)
+  bs = batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((16, 64), np.float32 if k == "loss_mask" else np.int32,
+                                   sharding=bs)
+           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  hlo = jit_train_step(make_train_step(lm_loss_fn(cfg), tx, schedule), shardings,
+                       bs).lower(abstract, batch).compile().as_text()
+  computations = re.findall(r"\n%?[\w.\-]+ \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.S)
+  loops = [c for c in computations if " while(" not in c and re.search(
+      r"= f32\[16,1000\]\S* fusion\(", c)]  # 16 tokens per device per chunk
+  assert loops, "no chunk loop found"
+  for body in loops:
+    assert not re.search(r"all-reduce|reduce-scatter|all-gather|all-to-all", body), body
+  assert re.search(r"all-reduce|reduce-scatter", hlo)  # the partial sums do meet, outside it

@@ -152,6 +152,14 @@ class Decoder(nn.Module):
     return jnp.concatenate([soft_bne, x_bte], axis=1), segments, positions
 
 
+def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:
+  """The LM head's [embed, vocab] kernel in the compute dtype (the embedding table's transpose when
+  tied): `logits = hidden @ lm_head_kernel(params, cfg)` is what `Decoder` computes."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].astype(cfg.compute_dtype).T
+  return params["lm_head"]["kernel"].astype(cfg.compute_dtype)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
   """An empty KV cache of `max_len` slots: k, v [layers, batch, slots, kv_heads, head_dim]."""
   dtype = dtype or cfg.compute_dtype

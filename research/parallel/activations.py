@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from research.parallel.rules import Rules, logical_to_spec
+from research.parallel.rules import Rules, batch_shard_count, logical_to_spec
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
     "activation_sharding", default=None)
@@ -41,6 +41,12 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     yield
   finally:
     _ACTIVE.reset(token)
+
+
+def batch_shards() -> int:
+  """How many shards the active rules split the batch into (1 outside a step)."""
+  active = _ACTIVE.get()
+  return 1 if active is None else batch_shard_count(*active)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

@@ -14,9 +14,10 @@ from ml_collections import ConfigDict
 
 from research.data import loader
 from research.models.config import ModelConfig
-from research.models.decoder import Decoder
+from research.models.decoder import Decoder, lm_head_kernel
 from research.models.peft import NO_PEFT, PeftConfig, split_trainable
-from research.objectives.lm import masked_nll_sum
+from research.objectives.lm import chunked_head_nll_sum, masked_nll_sum
+from research.parallel import activations as act
 from research.parallel.rules import Rules
 from research.sampling import greedy_generate
 from research.stages.training import StageSpec, host_slices, run_training
@@ -45,15 +46,37 @@ def decoder_init(cfg: ModelConfig, peft: PeftConfig = NO_PEFT, seq_len: int = 8)
   return init
 
 
+def loss_chunk_len(cfg: ModelConfig, batch: int, length: int) -> int:
+  """Positions per chunk of the chunked LM loss: about `cfg.loss_chunk_tokens` tokens per device
+  (the batch's rows are split over its shards), a divisor of `length`; 0 when chunking is off."""
+  if not cfg.loss_chunk_tokens:
+    return 0
+  rows = max(1, batch // act.batch_shards())
+  target = max(1, min(length, cfg.loss_chunk_tokens // rows))
+  return max(d for d in range(1, target + 1) if length % d == 0)
+
+
 def lm_loss_fn(cfg: ModelConfig, peft: PeftConfig = NO_PEFT, deterministic: bool = True):
-  """(params, frozen, batch, rng) -> (sum of masked token NLL, token count, aux)."""
+  """(params, frozen, batch, rng) -> (sum of masked token NLL, token count, aux).
+
+  With `cfg.loss_chunk_tokens` the LM head runs inside the chunked loss (never whole [B, T, V]
+  logits); the result is the same sum."""
   model = Decoder(cfg, peft, deterministic=deterministic)
 
   def loss_fn(params, frozen, batch, rng):
-    logits_btv, _ = model.apply({"params": merge_params(params, frozen)}, batch["inputs"],
-                                batch["segment_ids"], batch["positions"],
-                                rngs=None if deterministic else {"dropout": rng})
-    num, den = masked_nll_sum(logits_btv, batch["targets"], batch["loss_mask"])
+    all_params = merge_params(params, frozen)
+    b, t = batch["inputs"].shape
+    chunk_len = loss_chunk_len(cfg, b, t)
+    logits_btv, hidden_bte = model.apply(
+        {"params": all_params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+        compute_logits=not chunk_len, rngs=None if deterministic else {"dropout": rng})
+    if not chunk_len:
+      num, den = masked_nll_sum(logits_btv, batch["targets"], batch["loss_mask"])
+      return num, den, {}
+    groups = act.batch_shards()
+    num, den = chunked_head_nll_sum(hidden_bte, lm_head_kernel(all_params, cfg), batch["targets"],
+                                    batch["loss_mask"], chunk_len, groups if b % groups == 0 else 1,
+                                    act.constrain)
     return num, den, {}
 
   return loss_fn
