@@ -194,7 +194,8 @@ def probe_cost(config: ConfigDict, cfg: ModelConfig, peft: PeftConfig, mesh: Mes
   rows = int(config.train.global_batch) // micro
   costs = []
   for layers in (1, 2):
-    probe_cfg = cfg.replace(num_layers=layers, scan_layers=False)
+    # Unchunked LM loss too: the same FLOPs, and no loop for XLA to count once.
+    probe_cfg = cfg.replace(num_layers=layers, scan_layers=False, loss_chunk_tokens=0)
     lowered, _ = lowered_step(config, probe_cfg, peft, mesh, rules, rows, 1)
     if compiled:
       costs.append(_cost(lowered.compile()))

@@ -136,7 +136,9 @@ def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, gro
   total = jnp.sum(nll_ng)
   if not with_grads:
     return total, None
-  dkernel_ev = dkernel_gev if groups == 1 else jnp.sum(dkernel_gev, axis=0)
+  # Summed across the groups straight into the kernel's own sharding (a reduce-scatter under FSDP).
+  dkernel_ev = constrain(dkernel_gev if groups == 1 else jnp.sum(dkernel_gev, axis=0),
+                         ("embed", "vocab"))
   return total, (_unchunk(dh_chunks, b, t, groups), dkernel_ev.astype(kernel_ev.dtype))
 
 
