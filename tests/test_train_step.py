@@ -81,15 +81,18 @@ def test_gradient_accumulation_equals_one_big_batch(single_device_run):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
 
 
-@pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 2, 2), (1, 8, 1)])
-def test_chunked_lm_loss_matches_whole_logits_on_every_mesh(sizes):
+@pytest.mark.parametrize("sizes,tied", [((1, 1, 1), False), ((2, 2, 2), False), ((1, 8, 1), False),
+                                        ((2, 2, 2), True)])
+def test_chunked_lm_loss_matches_whole_logits_on_every_mesh(sizes, tied):
   """The LM head run in chunks of 4 tokens per device (several chunks, one partial kernel
-  gradient per batch shard) trains exactly as whole logits on one device."""
+  gradient per batch shard; the embedding table's transpose when tied) trains exactly as whole
+  logits on one device."""
+  cfg = CFG.replace(tie_embeddings=tied)
   ref_losses, ref_params, _ = _run({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1],
-                                   cfg=CFG.replace(loss_chunk_tokens=0))
+                                   cfg=cfg.replace(loss_chunk_tokens=0))
   n = int(np.prod(sizes))
   losses, params, _ = _run(dict(zip(("data", "fsdp", "tensor"), sizes)), devices=jax.devices()[:n],
-                           cfg=CFG.replace(loss_chunk_tokens=4))
+                           cfg=cfg.replace(loss_chunk_tokens=4))
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
                ref_params)
