@@ -112,6 +112,12 @@ def test_peft_on_a_sharded_mesh_matches_single_device(peft):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
 
 
+def _abstract_batch(sharding, rows: int, t: int) -> dict:
+  return {k: jax.ShapeDtypeStruct((rows, t), np.float32 if k == "loss_mask" else np.int32,
+                                  sharding=sharding)
+          for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+
+
 def test_fsdp_activations_are_sharded_over_the_batch():
   """Under FSDP the decoder's activation constraints keep each device's share of the batch: the
   compiled step's per-device temporaries are well under those of the same step jitted without
@@ -122,9 +128,7 @@ def test_fsdp_activations_are_sharded_over_the_batch():
   tx, schedule = make_optimizer(OPT, total_steps=10)
   abstract, shardings = abstract_state(decoder_init(cfg), tx, mesh)
   bs = batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct((16, 64), np.float32 if k == "loss_mask" else np.int32,
-                                   sharding=bs)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  batch = _abstract_batch(bs, 16, 64)
   step_fn = make_train_step(lm_loss_fn(cfg), tx, schedule)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   unconstrained = jax.jit(step_fn, in_shardings=(shardings, bs),
@@ -146,9 +150,7 @@ def test_chunked_lm_loss_never_holds_the_whole_logits():
   tx, schedule = make_optimizer(OPT, total_steps=10)
   b, t = 8, 64
   bs = batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct((b, t), np.float32 if k == "loss_mask" else np.int32,
-                                   sharding=bs)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  batch = _abstract_batch(bs, b, t)
 
   def temp_bytes(chunk_tokens):
     c = cfg.replace(loss_chunk_tokens=chunk_tokens)
@@ -171,9 +173,7 @@ def test_chunked_lm_loss_loop_has_no_collectives_under_fsdp():
   tx, schedule = make_optimizer(OPT, total_steps=10)
   abstract, shardings = abstract_state(decoder_init(cfg), tx, mesh)
   bs = batch_sharding(mesh)
-  batch = {k: jax.ShapeDtypeStruct((16, 64), np.float32 if k == "loss_mask" else np.int32,
-                                   sharding=bs)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  batch = _abstract_batch(bs, 16, 64)
   hlo = jit_train_step(make_train_step(lm_loss_fn(cfg), tx, schedule), shardings,
                        bs).lower(abstract, batch).compile().as_text()
   computations = re.findall(r"\n%?[\w.\-]+ \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.S)
