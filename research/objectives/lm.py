@@ -114,8 +114,8 @@ def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, gro
     logits32_gnv = logits_gnv.astype(jnp.float32)
     logz_gn = jax.nn.logsumexp(logits32_gnv, axis=-1)
     target_logit_gn = jnp.take_along_axis(logits32_gnv, targets_gn[..., None], axis=-1)[..., 0]
-    nll_g = jnp.sum((logz_gn - target_logit_gn) * mask_gn, axis=-1)  # summed per group: no
-    # cross-device sum inside the loop
+    # Summed per group, so that no cross-device sum runs inside the loop.
+    nll_g = jnp.sum((logz_gn - target_logit_gn) * mask_gn, axis=-1)
     if not with_grads:
       return dkernel_gev, (nll_g, None)
     onehot_gnv = vocab_v == targets_gn[..., None]
