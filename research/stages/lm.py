@@ -46,13 +46,12 @@ def decoder_init(cfg: ModelConfig, peft: PeftConfig = NO_PEFT, seq_len: int = 8)
   return init
 
 
-def loss_chunk_len(cfg: ModelConfig, batch: int, length: int) -> int:
-  """Positions per chunk of the chunked LM loss: about `cfg.loss_chunk_tokens` tokens per device
-  (the batch's rows are split over its shards), a divisor of `length`; 0 when chunking is off."""
+def loss_chunk_len(cfg: ModelConfig, rows: int, length: int) -> int:
+  """Positions per chunk of the chunked LM loss: about `cfg.loss_chunk_tokens` tokens over a
+  device's `rows` rows, a divisor of `length`; 0 when chunking is off."""
   if not cfg.loss_chunk_tokens:
     return 0
-  rows = max(1, batch // act.batch_shards())
-  target = max(1, min(length, cfg.loss_chunk_tokens // rows))
+  target = max(1, min(length, cfg.loss_chunk_tokens // max(1, rows)))
   return max(d for d in range(1, target + 1) if length % d == 0)
 
 
@@ -66,17 +65,18 @@ def lm_loss_fn(cfg: ModelConfig, peft: PeftConfig = NO_PEFT, deterministic: bool
   def loss_fn(params, frozen, batch, rng):
     all_params = merge_params(params, frozen)
     b, t = batch["inputs"].shape
-    chunk_len = loss_chunk_len(cfg, b, t)
+    # One group per batch shard: each device's rows form one group of the chunked loss.
+    shards = act.batch_shards()
+    groups = shards if b % shards == 0 else 1
+    chunk_len = loss_chunk_len(cfg, b // groups, t)
     logits_btv, hidden_bte = model.apply(
         {"params": all_params}, batch["inputs"], batch["segment_ids"], batch["positions"],
         compute_logits=not chunk_len, rngs=None if deterministic else {"dropout": rng})
     if not chunk_len:
       num, den = masked_nll_sum(logits_btv, batch["targets"], batch["loss_mask"])
       return num, den, {}
-    groups = act.batch_shards()
     num, den = chunked_head_nll_sum(hidden_bte, lm_head_kernel(all_params, cfg), batch["targets"],
-                                    batch["loss_mask"], chunk_len, groups if b % groups == 0 else 1,
-                                    act.constrain)
+                                    batch["loss_mask"], chunk_len, groups, act.constrain)
     return num, den, {}
 
   return loss_fn
