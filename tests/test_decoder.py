@@ -116,17 +116,24 @@ def test_causal_blocks_are_at_least_64_queries_and_at_most_8():
       [1, 1, 1, 2, 4, 8, 8, 8, 5]
 
 
-def test_head_dot_general_gradients_equal_the_plain_product():
-  """The LM head's product computes its weight gradient from a row-major x^T; both gradients
-  equal autodiff of the plain dot, and any other dot shape falls through to lax.dot_general."""
-  from research.models.layers import head_dot_general
+def test_xt_dot_general_gradients_equal_the_plain_product():
+  """The LM head's and q/k/v's product computes its weight gradient from a row-major x^T; both
+  gradients equal autodiff of the plain dot, and any other dot shape falls through to
+  lax.dot_general."""
+  from research.models.layers import xt_dot_general
   kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
   x, w, g = jax.random.normal(kx, (12, 5)), jax.random.normal(kw, (5, 9)), jax.random.normal(kg, (12, 9))
   dims = (((1,), (0,)), ((), ()))
-  ours = jax.grad(lambda x, w: jnp.sum(head_dot_general(x, w, dims) * g), (0, 1))(x, w)
+  ours = jax.grad(lambda x, w: jnp.sum(xt_dot_general(x, w, dims) * g), (0, 1))(x, w)
   ref = jax.grad(lambda x, w: jnp.sum(jnp.dot(x, w) * g), (0, 1))(x, w)
   for name, a, b in zip(("dx", "dw"), ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
   x3 = x.reshape(3, 4, 5)
-  np.testing.assert_allclose(head_dot_general(x3, w, (((2,), (0,)), ((), ()))), x3 @ w,
+  np.testing.assert_allclose(xt_dot_general(x3, w, (((2,), (0,)), ((), ()))), x3 @ w,
                              rtol=1e-5, atol=1e-5)
+  # A [in, heads, head_dim] kernel (the q/k/v projections) is multiplied flattened.
+  w3, g3 = w[:, :8].reshape(5, 2, 4), g[:, :8].reshape(12, 2, 4)
+  ours = jax.grad(lambda x, w: jnp.sum(xt_dot_general(x, w, dims) * g3), (0, 1))(x, w3)
+  ref = jax.grad(lambda x, w: jnp.sum(jnp.einsum("nd,dhk->nhk", x, w) * g3), (0, 1))(x, w3)
+  for name, a, b in zip(("dx", "dw"), ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=f"3-D kernel {name}")

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from research.models.config import ModelConfig
-from research.models.layers import (DecoderBlock, RMSNorm, apply_flat, attention_mask,
-                                    head_dot_general, logical, param_init, rotary_tables)
+from research.models.layers import (DecoderBlock, RMSNorm, apply_flat, attention_mask, logical,
+                                    param_init, rotary_tables, xt_dot_general)
 from research.models.peft import NO_PEFT, PeftConfig
 from research.parallel import activations as act
 
@@ -128,7 +128,7 @@ class Decoder(nn.Module):
       else:
         logits_btv = apply_flat(
             nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.weight_dtype, name="lm_head", dot_general=head_dot_general,
+                     param_dtype=cfg.weight_dtype, name="lm_head", dot_general=xt_dot_general,
                      kernel_init=logical(param_init(cfg), ("embed", "vocab"))), hidden_bte)
       logits_btv = act.constrain(logits_btv, act.LOGITS)
     if cache is None:
