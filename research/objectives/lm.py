@@ -129,8 +129,9 @@ def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, gro
     dh_gne = jnp.einsum("...nv,ev->...ne", dlogits_gnv, kernel_ev).astype(hidden_bte.dtype)
     # h^T laid out row-major before the product (see layers._matmul_tx): an [E, rows] operand.
     h_gen = jax.lax.optimization_barrier(jnp.swapaxes(h_gne, -1, -2))
-    dk = jnp.einsum("...en,...nv->...ev", h_gen, dlogits_gnv, preferred_element_type=jnp.float32)
-    dkernel_gev = dk if first else dkernel_gev + dk
+    dchunk_gev = jnp.einsum("...en,...nv->...ev", h_gen, dlogits_gnv,
+                            preferred_element_type=jnp.float32)
+    dkernel_gev = dchunk_gev if first else dkernel_gev + dchunk_gev
     return grouped(dkernel_gev, None, "vocab"), (nll_g, dh_gne)
 
   if not with_grads:
