@@ -12,9 +12,10 @@ widths).
 Allocator: XLA:CPU allocates each step's temporaries afresh (197 MB at S), and glibc serves large
 blocks with new mmaps, so every step page-faults its working set in again (~50-64k faults, 0.12-0.14
 s of system time per step at S); torch's eager step does the same with its activations.
-`--huge-page-malloc` re-executes the script once under `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-(malloc asks for transparent huge pages: ~100x fewer faults). Both frameworks share the process
-(and the RSS children inherit its environment), so both run under the same allocator either way.
+The script therefore re-executes itself once under `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+(malloc asks for transparent huge pages: ~100x fewer faults), the setting the README recommends
+for CPU training, unless `--default-allocator` is given. Both frameworks share the process (and
+the RSS children inherit its environment), so both run under the same allocator either way.
 """
 
 from __future__ import annotations
@@ -348,8 +349,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="transformers attention implementation (sdpa measured faster here)")
   p.add_argument("--no-memory", action="store_true", help="skip the child-process RSS runs")
   p.add_argument("--no-compile", action="store_true", help="skip the 2/16-layer compile timing")
-  p.add_argument("--huge-page-malloc", action="store_true",
-                 help=f"re-run under GLIBC_TUNABLES={HUGE_PAGE_MALLOC} (see the docstring)")
+  p.add_argument("--default-allocator", action="store_true",
+                 help=f"do not re-run under GLIBC_TUNABLES={HUGE_PAGE_MALLOC} (see the docstring)")
   p.add_argument("--only", choices=("jax", "torch"), help="internal: run one framework alone")
   p.add_argument("--size", default="S", help="internal: the size for --only")
   args = p.parse_args(argv)
@@ -401,7 +402,7 @@ def transparent_huge_pages() -> str:
 def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
-  if args.huge_page_malloc and HUGE_PAGE_MALLOC not in tunables:
+  if not (args.default_allocator or args.only) and HUGE_PAGE_MALLOC not in tunables:
     # Before anything is imported or allocated: glibc reads its tunables at process start.
     os.execve(sys.executable, [sys.executable, "-m", "scripts.bench_train",
                                *(sys.argv[1:] if argv is None else argv)],
