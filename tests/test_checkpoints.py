@@ -147,10 +147,12 @@ def test_async_save_wait_restore(tmp_path: Any) -> None:
   expected = np.asarray(w)
   with Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2, async_save=True) as ckpt:
     assert ckpt.save(10, {"w": w}, {"pos": 10})
-    # Train steps donate the state: reusing its buffers once save() returns must be safe.
-    donated = w
+    # Train steps donate the state: reusing its buffers once save() returns must be safe. Whether
+    # XLA may reuse them at once depends on orbax's background thread having let go of its host
+    # view (on CPU the "copy" can share the buffer; JAX then declines the donation and copies):
+    # what must hold either way is that the checkpoint has the values as they were at save().
     w = jax.block_until_ready(jax.jit(lambda x: x + 1.0, donate_argnums=0)(w))
-    assert donated.is_deleted()
+    np.testing.assert_array_equal(np.asarray(w), expected + 1.0)
     ckpt.wait()
     assert ckpt.latest_step() == 10
     target = {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=sharding)}
