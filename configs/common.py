@@ -13,7 +13,7 @@ def model_config(**overrides) -> ConfigDict:
       head_dim=placeholder(int), mlp_dim=688, rope_theta=10000.0, rms_norm_eps=1e-6,
       attention_bias=False, tie_embeddings=False, max_position_embeddings=2048,
       dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="dots_attention",
-      loss_chunk_tokens=512,
+      loss_chunk_tokens=1024,
       hf_architecture="llama"))
   c.update(overrides)
   return c
