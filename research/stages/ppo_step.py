@@ -24,7 +24,7 @@ from research.objectives.lm import token_nll
 from research.sampling import SamplingConfig, generate_tokens
 from research.stages.lm import merge_params
 from research.train.state import TrainState
-from research.train.step import accumulate_gradients
+from research.train.step import mean_gradients
 
 # What the updates read from a rollout (per row, so minibatches can index them).
 UPDATE_KEYS = ("seq_bl", "seg_bl", "resp_br", "mask_br", "logp_br", "values_br", "advantages_br",
@@ -180,9 +180,8 @@ def make_ppo_step(models: PPOModels, s: PPOSettings, tx: optax.GradientTransform
     def one_update(carry, idx_m):
       params, opt_state = carry
       mb = jax.tree.map(lambda x: x[idx_m], data)
-      grads, num, den, aux = accumulate_gradients(loss_fn, params, state.frozen, mb, rng,
-                                                  s.micro_batches)
-      grads = jax.tree.map(lambda g: g / jnp.maximum(den, 1.0), grads)
+      grads, num, den, aux = mean_gradients(loss_fn, params, state.frozen, mb, rng,
+                                            s.micro_batches)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       return (params, opt_state), {**aux, "grad_norm": optax.tree.norm(grads)}

@@ -63,6 +63,25 @@ def accumulate_gradients(loss_fn: LossFn, params, frozen, batch: Batch, rng, mic
   return grads, num, den, aux
 
 
+def mean_gradients(loss_fn: LossFn, params, frozen, batch: Batch, rng, micro_batches: int):
+  """(gradient of sum(numerators) / D, sum(numerators), D, aux), D = max(sum(denominators), 1).
+
+  With one micro-batch the division rides on the backward's seed (the denominator is a count, held
+  constant): the gradients come out divided, without a pass of their own over every gradient
+  (about 1% of bench_train's S step on CPU).
+  """
+  if micro_batches == 1:
+    def objective(p, f, b, r):
+      num, den, aux = loss_fn(p, f, b, r)
+      den = jnp.maximum(jax.lax.stop_gradient(den), 1.0)
+      return num / den.astype(num.dtype), (num, den, aux)
+    grads, (num, den, aux) = jax.grad(objective, has_aux=True)(params, frozen, batch, rng)
+    return grads, num, den, aux
+  grads, num, den, aux = accumulate_gradients(loss_fn, params, frozen, batch, rng, micro_batches)
+  den = jnp.maximum(den, 1.0)
+  return jax.tree.map(lambda g: g / den.astype(g.dtype), grads), num, den, aux
+
+
 def _with_sums(loss_fn: LossFn, params, frozen, batch, rng):
   num, den, aux = loss_fn(params, frozen, batch, rng)
   return num, (num, den, aux)
@@ -72,10 +91,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
                     micro_batches: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    grads, num, den, aux = accumulate_gradients(loss_fn, state.params, state.frozen, batch, rng,
-                                                micro_batches)
-    den = jnp.maximum(den, 1.0)
-    grads = jax.tree.map(lambda g: g / den.astype(g.dtype), grads)
+    grads, num, den, aux = mean_gradients(loss_fn, state.params, state.frozen, batch, rng,
+                                          micro_batches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": num / den, "grad_norm": optax.tree.norm(grads),
