@@ -85,16 +85,21 @@ def test_tied_embeddings_have_no_lm_head_and_head_dim_is_independent():
   np.testing.assert_allclose(logits, hidden @ params["embed"]["embedding"].T, atol=1e-5)
 
 
-def test_attention_backward_matches_autodiff_of_plain_softmax_attention():
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_attention_backward_matches_autodiff_of_plain_softmax_attention(kv_heads):
   """`attend` recomputes the probabilities in its backward; its gradients equal autodiff of the
   plain product, with packed segments, padding queries (no visible key: zeros) and padding keys.
-  With causal query blocks (the upper triangle skipped) it is the same function."""
+  With causal query blocks (the upper triangle skipped) it is the same function. With fewer KV
+  heads than query heads (grouped-query attention, multiplied as grouped rows) it equals the plain
+  product over KV heads repeated per query head, as Hugging Face's `repeat_kv`."""
   from research.models.layers import MASK_VALUE, attend, attention_mask
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  q, k, v, w = (jax.random.normal(key, (2, 8, 3, 4)) for key in keys)
+  q, w = (jax.random.normal(key, (2, 8, 4, 3)) for key in keys[:2])
+  k, v = (jax.random.normal(key, (2, 8, kv_heads, 3)) for key in keys[2:])
   mask = attention_mask(jnp.array([[1, 1, 1, 2, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1, 1]]))
 
   def plain(q, k, v):
+    k, v = (jnp.repeat(x, 4 // kv_heads, axis=2) for x in (k, v))
     scores = jnp.where(mask, jnp.einsum("bthd,bshd->bhts", q * 0.5, k), MASK_VALUE)
     out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
     return out * jnp.any(mask, axis=-1)[:, 0, :, None, None]
@@ -107,6 +112,7 @@ def test_attention_backward_matches_autodiff_of_plain_softmax_attention():
                                err_msg=f"blocks={blocks}")
     ours = jax.grad(lambda *a: jnp.sum(attend(*a, mask, 0.5, blocks) * w), (0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", ours, ref):
+      assert a.shape == b.shape
       np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}, blocks={blocks}")
 
 

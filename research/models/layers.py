@@ -148,38 +148,60 @@ def _row_visible(mask_b1ts):
   return jnp.any(mask_b1ts, axis=-1, keepdims=True)  # [B, 1, T, 1]
 
 
-def _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale, blocks):
-  q_bhtd, k_bhsd, v_bhsd = _head_major(q_bthd), _head_major(k_bshd), _head_major(v_bshd)
+def _grouped(x_bhtx, kv_heads: int):
+  """[B, H, T, X] -> [B, K, G*T, X]: the G query heads that share a KV head become rows of one
+  product (query head h reads KV head h // G, as Hugging Face's `repeat_kv`). A free reshape."""
+  b, h, t, x = x_bhtx.shape
+  return x_bhtx.reshape(b, kv_heads, (h // kv_heads) * t, x)
+
+
+def _ungrouped(x_bkrx, heads: int):
+  b, k, r, x = x_bkrx.shape
+  return x_bkrx.reshape(b, heads, r * k // heads, x)
+
+
+def _grouped_mask(mask_b1ts, groups: int):
+  return jnp.tile(mask_b1ts, (1, 1, groups, 1)) if groups > 1 else mask_b1ts
+
+
+def _attend_fwd(q_bthd, k_bskd, v_bskd, mask_b1ts, scale, blocks):
+  heads, kv_heads = q_bthd.shape[2], k_bskd.shape[2]
+  q_bhtd, k_bksd, v_bksd = _head_major(q_bthd), _head_major(k_bskd), _head_major(v_bskd)
   outs, maxes, sums = [], [], []
-  for rows, n in _blocks(q_bthd.shape[1], k_bshd.shape[1], blocks):
-    out, mx, sm = _block_fwd(q_bhtd[:, :, rows], k_bhsd[:, :, :n], v_bhsd[:, :, :n],
-                             mask_b1ts[:, :, rows, :n], scale)
-    outs.append(out), maxes.append(mx), sums.append(sm)
+  for rows, n in _blocks(q_bthd.shape[1], k_bskd.shape[1], blocks):
+    out, mx, sm = _block_fwd(_grouped(q_bhtd[:, :, rows], kv_heads), k_bksd[:, :, :n],
+                             v_bksd[:, :, :n],
+                             _grouped_mask(mask_b1ts[:, :, rows, :n], heads // kv_heads), scale)
+    outs.append(_ungrouped(out, heads)), maxes.append(_ungrouped(mx, heads))
+    sums.append(_ungrouped(sm, heads))
   out_bhtd = jnp.where(_row_visible(mask_b1ts), jnp.concatenate(outs, axis=2), 0.0)
   out_bthd = jnp.swapaxes(out_bhtd, 1, 2)
   max_bht1, sum_bht1 = jnp.concatenate(maxes, axis=2), jnp.concatenate(sums, axis=2)
   # Named for remat policies that keep them (see decoder._REMAT_POLICIES' 'dots_attention').
   out_bthd, max_bht1, sum_bht1 = (checkpoint_name(x, "attention")
                                   for x in (out_bthd, max_bht1, sum_bht1))
-  return out_bthd, (q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1)
+  return out_bthd, (q_bthd, k_bskd, v_bskd, mask_b1ts, out_bthd, max_bht1, sum_bht1)
 
 
 def _attend_bwd(scale, blocks, res, g_bthd):
-  q_bthd, k_bshd, v_bshd, mask_b1ts, out_bthd, max_bht1, sum_bht1 = res
-  q_bhtd, k_bhsd, v_bhsd = _head_major(q_bthd), _head_major(k_bshd), _head_major(v_bshd)
+  q_bthd, k_bskd, v_bskd, mask_b1ts, out_bthd, max_bht1, sum_bht1 = res
+  heads, kv_heads = q_bthd.shape[2], k_bskd.shape[2]
+  q_bhtd, k_bksd, v_bksd = _head_major(q_bthd), _head_major(k_bskd), _head_major(v_bskd)
   out_bhtd = _head_major(out_bthd)
   g_bhtd = jnp.where(_row_visible(mask_b1ts), _head_major(g_bthd), 0.0)
-  s = k_bshd.shape[1]
-  dqs, dk_bhsd, dv_bhsd = [], 0.0, 0.0
+  s = k_bskd.shape[1]
+  group = lambda x: _grouped(x, kv_heads)
+  dqs, dk_bksd, dv_bksd = [], 0.0, 0.0
   for rows, n in _blocks(q_bthd.shape[1], s, blocks):
-    dq, dk, dv = _block_bwd(scale, q_bhtd[:, :, rows], k_bhsd[:, :, :n], v_bhsd[:, :, :n],
-                            mask_b1ts[:, :, rows, :n], out_bhtd[:, :, rows],
-                            max_bht1[:, :, rows], sum_bht1[:, :, rows], g_bhtd[:, :, rows])
+    dq, dk, dv = _block_bwd(scale, group(q_bhtd[:, :, rows]), k_bksd[:, :, :n], v_bksd[:, :, :n],
+                            _grouped_mask(mask_b1ts[:, :, rows, :n], heads // kv_heads),
+                            group(out_bhtd[:, :, rows]), group(max_bht1[:, :, rows]),
+                            group(sum_bht1[:, :, rows]), group(g_bhtd[:, :, rows]))
     pad = ((0, 0), (0, 0), (0, s - n), (0, 0))
-    dqs.append(dq)
-    dk_bhsd, dv_bhsd = dk_bhsd + jnp.pad(dk, pad), dv_bhsd + jnp.pad(dv, pad)
-  return (jnp.swapaxes(jnp.concatenate(dqs, axis=2), 1, 2), jnp.swapaxes(dk_bhsd, 1, 2),
-          jnp.swapaxes(dv_bhsd, 1, 2), None)
+    dqs.append(_ungrouped(dq, heads))
+    dk_bksd, dv_bksd = dk_bksd + jnp.pad(dk, pad), dv_bksd + jnp.pad(dv, pad)
+  return (jnp.swapaxes(jnp.concatenate(dqs, axis=2), 1, 2), jnp.swapaxes(dk_bksd, 1, 2),
+          jnp.swapaxes(dv_bksd, 1, 2), None)
 
 
 def causal_blocks(t: int) -> int:
@@ -192,8 +214,14 @@ def causal_blocks(t: int) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def attend(q_bthd, k_bshd, v_bshd, mask_b1ts, scale: float, blocks: int = 1):
-  """softmax(q k^T * scale, masked) v with K/V heads already repeated to the query heads. [B, T, H, D]
+def attend(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float, blocks: int = 1):
+  """softmax(q k^T * scale, masked) v: q [B, T, H, D], k and v [B, S, K, D] with K dividing H
+  (grouped-query attention; query head h reads KV head h // (H / K)). Returns [B, T, H, D].
+
+  The H / K query heads that share a KV head are multiplied as rows of one product (a 4-D batched
+  matmul over [B, K]), so K/V are never repeated per query head and dK/dV need no sum over the
+  group: at bench_train's M (8 heads, 2 KV) the products are 4x taller, which XLA:CPU's batched
+  matmul (one thread per product) runs closer to its rate.
 
   A query with no visible key (padding) gets zeros. The backward recomputes the probabilities
   from the saved row max and sum instead of keeping them. Autodiff (even with a custom softmax
@@ -205,7 +233,7 @@ def attend(q_bthd, k_bshd, v_bshd, mask_b1ts, scale: float, blocks: int = 1):
   equal blocks, and block i computes scores only against the keys up to its own end: the
   never-visible upper triangle is skipped, forward and backward (`causal_blocks` picks the count).
   """
-  return _attend_fwd(q_bthd, k_bshd, v_bshd, mask_b1ts, scale, blocks)[0]
+  return _attend_fwd(q_bthd, k_bskd, v_bskd, mask_b1ts, scale, blocks)[0]
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)
@@ -321,12 +349,6 @@ class Attention(nn.Module):
       v_btkd = jax.lax.dynamic_update_slice(cache.v_bskd, v_btkd.astype(cache.v_bskd.dtype),
                                             (0, cache.index, 0, 0))
       new_cache = (k_btkd, v_btkd)
-    # Repeating KV heads keeps the score product a 4-D batched matmul, which XLA:CPU runs about
-    # twice as fast as the 5-D grouped einsum (PERF-NOTES); on GPU/TPU the cost is the same.
-    groups = cfg.num_heads // cfg.num_kv_heads
-    if groups > 1:
-      k_btkd = jnp.repeat(k_btkd, groups, axis=2)
-      v_btkd = jnp.repeat(v_btkd, groups, axis=2)
     # Without a cache, queries and keys are the same T positions under a causal mask.
     blocks = causal_blocks(x_bte.shape[1]) if cache is None else 1
     out_bthd = attend(q_bthd.astype(cfg.compute_dtype), k_btkd.astype(cfg.compute_dtype),
