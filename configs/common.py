@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
+from research.models.config import ModelConfig
+
+_FROM_TOKENIZER = ("bos_token_id", "eos_token_id", "pad_token_id")
+
 
 def model_config(**overrides) -> ConfigDict:
-  """Fields of research.models.config.ModelConfig; vocab_size 0 takes the tokenizer's size."""
-  c = ConfigDict(dict(
-      vocab_size=0, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4,
-      head_dim=placeholder(int), mlp_dim=688, rope_theta=10000.0, rms_norm_eps=1e-6,
-      attention_bias=False, tie_embeddings=False, max_position_embeddings=2048,
-      dtype="float32", param_dtype="float32", scan_layers=True, remat_policy="dots_attention",
-      loss_chunk_tokens=1024,
-      hf_architecture="llama"))
+  """Fields of research.models.config.ModelConfig, with its defaults (one place for them); here
+  vocab_size 0 takes the tokenizer's size, the architecture is "llama", and the special-token ids
+  come from the tokenizer (not fields here)."""
+  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+            if f.name not in _FROM_TOKENIZER}
+  c = ConfigDict({**fields, "vocab_size": 0, "head_dim": placeholder(int),
+                  "hf_architecture": "llama"})
   c.update(overrides)
   return c
 
