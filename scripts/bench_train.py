@@ -85,6 +85,11 @@ def flops_per_token(size: Size) -> tuple[int, int]:
   return n, 6 * n + attn
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, gflops: float) -> float:
+  """Model FLOPs utilisation: the model's FLOPs per second over a measured matmul rate."""
+  return flops_per_token * tokens_per_s / (gflops * 1e9)
+
+
 def random_batch(size: Size, seed: int = 0) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, size.vocab, size=(size.batch, size.seq + 1)).astype(np.int32)
@@ -163,6 +168,13 @@ def jax_compile_seconds(size: Size, layers: int) -> float:
   return time.perf_counter() - t0
 
 
+def gflops_of(product: Callable[[], Any], flops: float) -> float:
+  """GFLOP/s of one call of `product` (which waits for its result)."""
+  t0 = time.perf_counter()
+  product()
+  return flops / (time.perf_counter() - t0) / 1e9
+
+
 class JaxMatmul:
   """One f32 [n, n] x [n, n] jnp.dot per call; returns its GFLOP/s."""
 
@@ -176,9 +188,7 @@ class JaxMatmul:
     self.mm(self.a, self.b).block_until_ready()
 
   def __call__(self) -> float:
-    t0 = time.perf_counter()
-    self.mm(self.a, self.b).block_until_ready()
-    return self.flops / (time.perf_counter() - t0) / 1e9
+    return gflops_of(lambda: self.mm(self.a, self.b).block_until_ready(), self.flops)
 
 
 # ---------------------------------------------------------------- torch
@@ -238,9 +248,7 @@ class TorchMatmul:
     self.mm(self.a, self.b)
 
   def __call__(self) -> float:
-    t0 = time.perf_counter()
-    self.mm(self.a, self.b)
-    return self.flops / (time.perf_counter() - t0) / 1e9
+    return gflops_of(lambda: self.mm(self.a, self.b), self.flops)
 
 
 class MatmulRate:
@@ -448,9 +456,9 @@ def main(argv: list[str] | None = None) -> None:
     jax_tps, torch_tps = size.tokens / jax_med, size.tokens / torch_med
     ratios = [t / j for j, t in zip(r["jax_s"], r["torch_s"])]
     gflops = statistics.median(r["gflops"])
-    mfu = lambda tps, denominator: fpt * tps / (denominator * 1e9)
     rows.append(dict(size=size.name, jax_tps=jax_tps, torch_tps=torch_tps, ratio=jax_tps / torch_tps,
-                     gflops=gflops, jax_mfu=mfu(jax_tps, gflops), torch_mfu=mfu(torch_tps, gflops),
+                     gflops=gflops, jax_mfu=mfu(fpt, jax_tps, gflops),
+                     torch_mfu=mfu(fpt, torch_tps, gflops),
                      fpt=fpt, samples=r["gflops"],
                      jax_rss=rss[size.name, "jax"], torch_rss=rss[size.name, "torch"]))
     print(f"[{size.name}] N={n / 1e6:.1f}M matmul params, {fpt / 1e6:.1f} MFLOP/token, "
@@ -465,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
 
   best = max([burst] + [g for r in rows for g in r["samples"]])
   for r in rows:
-    r["jax_mfu_best"] = r["fpt"] * r["jax_tps"] / (best * 1e9)
-    r["torch_mfu_best"] = r["fpt"] * r["torch_tps"] / (best * 1e9)
+    r["jax_mfu_best"] = mfu(r["fpt"], r["jax_tps"], best)
+    r["torch_mfu_best"] = mfu(r["fpt"], r["torch_tps"], best)
 
   compile_s = None
   if not args.no_compile:
