@@ -26,8 +26,8 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # The weight matmuls' outputs, plus what attention's backward reads: the rotated q and k and
-    # attention's output with its row max and sum (names set in layers.py). Only norms, SwiGLU
-    # and the head repeat are recomputed; attention's forward is not run twice.
+    # attention's output with its row max and sum (names set in layers.py). Only norms and
+    # SwiGLU are recomputed; attention's forward is not run twice.
     "dots_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names("attention", "rotary")),
