@@ -121,18 +121,25 @@ def _block_fwd(q_bhtd, k_bhsd, v_bhsd, mask_b1ts, scale):
 
 
 def _block_bwd(scale, q_bhtd, k_bhsd, v_bhsd, mask_b1ts, out_bhtd, max_bht1, sum_bht1, g_bhtd):
-  # The probabilities again, from the scores and the saved row max and sum (flash attention's
-  # backward): one more QK^T product instead of a [B, H, T, S] residual per layer.
-  probs_bhts = jnp.exp(_masked_scores(q_bhtd, k_bhsd, mask_b1ts, scale) - max_bht1) / sum_bht1
-  dv_bhsd = jnp.einsum("bhts,bhtd->bhsd", probs_bhts.astype(g_bhtd.dtype), g_bhtd)
-  dprobs_bhts = jnp.einsum("bhtd,bhsd->bhts", g_bhtd, v_bhsd, preferred_element_type=jnp.float32)
+  # Keys are the rows here: every product but dQ's then has the block's keys (up to S) as its
+  # rows, and dK, dV come out of plain row-major products; the probabilities again, from the
+  # scores and the saved row max and sum (flash attention's backward): one more QK^T product
+  # instead of a [B, H, T, S] residual per layer.
+  rows_t = lambda x_bht1: jnp.swapaxes(x_bht1, -1, -2)  # [B, H, T, 1] -> [B, H, 1, T]: free
+  mask_b1st = jnp.swapaxes(mask_b1ts, -1, -2)
+  scores_bhst = jnp.einsum("bhsd,bhtd->bhst", k_bhsd, q_bhtd * scale,
+                           preferred_element_type=jnp.float32)
+  scores_bhst = jnp.where(mask_b1st, scores_bhst, MASK_VALUE)
+  probs_bhst = jnp.exp(scores_bhst - rows_t(max_bht1)) / rows_t(sum_bht1)
+  dv_bhsd = jnp.einsum("bhst,bhtd->bhsd", probs_bhst.astype(g_bhtd.dtype), g_bhtd)
+  dprobs_bhst = jnp.einsum("bhsd,bhtd->bhst", v_bhsd, g_bhtd, preferred_element_type=jnp.float32)
   # sum_s dP * P = sum_d dO * O per query (the softmax backward's row term).
   rowdot_bht1 = jnp.sum(g_bhtd.astype(jnp.float32) * out_bhtd.astype(jnp.float32), axis=-1,
                         keepdims=True)
-  dscores_bhts = jnp.where(mask_b1ts, probs_bhts * (dprobs_bhts - rowdot_bht1) * scale,
+  dscores_bhst = jnp.where(mask_b1st, probs_bhst * (dprobs_bhst - rows_t(rowdot_bht1)) * scale,
                            0.0).astype(q_bhtd.dtype)
-  dq_bhtd = jnp.einsum("bhts,bhsd->bhtd", dscores_bhts, k_bhsd)
-  dk_bhsd = jnp.einsum("bhts,bhtd->bhsd", dscores_bhts, q_bhtd)
+  dk_bhsd = jnp.einsum("bhst,bhtd->bhsd", dscores_bhst, q_bhtd)
+  dq_bhtd = jnp.einsum("bhst,bhsd->bhtd", dscores_bhst, k_bhsd)
   return dq_bhtd, dk_bhsd, dv_bhsd
 
 
