@@ -37,12 +37,9 @@ def split_micro_batches(batch: Batch, micro_batches: int) -> Batch:
 
 
 def accumulate_gradients(loss_fn: LossFn, params, frozen, batch: Batch, rng, micro_batches: int):
-  """Sum of numerators' gradients, numerators, denominators and aux over micro-batches (a scan)."""
+  """Sum of numerators' gradients, numerators, denominators and aux over micro-batches (a scan;
+  `mean_gradients` takes one micro-batch without it)."""
   grad_fn = jax.grad(lambda p, f, b, r: _with_sums(loss_fn, p, f, b, r), has_aux=True)
-  if micro_batches == 1:
-    grads, (num, den, aux) = grad_fn(params, frozen, batch, rng)
-    return grads, num, den, aux
-
   micro = split_micro_batches(batch, micro_batches)
 
   def body(carry, xs):
