@@ -67,7 +67,7 @@ def model_config(size: Size, layers: int | None = None):
   return ModelConfig(vocab_size=size.vocab, hidden_size=size.hidden,
                      num_layers=layers or size.layers, num_heads=size.heads,
                      num_kv_heads=size.kv_heads, mlp_dim=size.mlp, rms_norm_eps=1e-6,
-                     max_position_embeddings=size.seq)
+                     max_position_embeddings=size.seq, layer_streams=2)
 
 
 def flops_per_token(size: Size) -> tuple[int, int]:
@@ -115,8 +115,8 @@ class JaxParts(NamedTuple):
 
 
 def jax_parts(size: Size, layers: int | None = None) -> JaxParts:
-  """The step exactly as a stage builds it, on a 1-device mesh (ModelConfig defaults: scanned
-  layers, remat 'dots_attention')."""
+  """The step exactly as a stage builds it, on a 1-device mesh (the launch configs' model
+  settings: scanned layers, remat 'dots_attention', 2 layer streams)."""
   import jax
   from ml_collections import ConfigDict
 

@@ -1,6 +1,7 @@
 """Decoder properties: scanned == unrolled, packed rows == documents alone, per-segment positions."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -36,6 +37,36 @@ def test_scanned_and_unrolled_layers_give_same_logits(remat):
   np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
   restacked = stack_layers(unrolled_params, cfg.num_layers)
   jax.tree.map(np.testing.assert_array_equal, restacked, params)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_layer_streams_give_the_same_logits_and_gradients(scan):
+  """Rows split into 2 streams (and 4 rows into 3, which falls back to 1): the same logits and
+  parameter gradients as one stream, with packed and padded rows; the layers' products really run
+  on half the rows."""
+  cfg = CFG.replace(remat_policy="dots_attention", scan_layers=scan)
+  params = _params(CFG)
+  if not scan:
+    params = unstack_layers(params, cfg.num_layers)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 12), 0, cfg.vocab_size)
+  segments = jnp.ones((4, 12), jnp.int32).at[1, 7:].set(2).at[2, :3].set(0)
+
+  def loss(c, p):
+    logits, hidden = Decoder(c).apply({"params": p}, tokens, segments)
+    return jnp.sum(logits * jnp.cos(logits)) + jnp.sum(hidden ** 2), logits
+
+  (_, ref_logits), ref_grads = jax.jit(jax.value_and_grad(functools.partial(loss, cfg),
+                                                          has_aux=True))(params)
+  for streams in (2, 3):
+    c = cfg.replace(layer_streams=streams)
+    (_, logits), grads = jax.jit(jax.value_and_grad(functools.partial(loss, c), has_aux=True))(params)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref_grads)
+  def product_lhs_shapes(c):  # the layers' products see [rows x tokens, features]
+    text = jax.jit(functools.partial(loss, c)).lower(params).as_text()
+    return set(re.findall(r"stablehlo.dot_general .*: \(tensor<(\d+)x48xf32>", text))
+  assert "24" in product_lhs_shapes(cfg.replace(layer_streams=2))  # 2 of 4 rows x 12 tokens
+  assert "24" not in product_lhs_shapes(cfg)
 
 
 def test_packed_row_matches_each_document_alone():

@@ -73,6 +73,19 @@ def test_mesh_shapes_match_single_device(single_device_run, sizes):
     assert q_spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
 
 
+@pytest.mark.parametrize("sizes", [(1, 1, 1), (2, 2, 2)])
+def test_layer_streams_train_as_one_stream_on_every_mesh(single_device_run, sizes):
+  """Two row streams per layer (on (2,2,2) each device's 2 rows split into 1 + 1) train exactly
+  as one stream on one device."""
+  ref_losses, ref_params, _ = single_device_run
+  n = int(np.prod(sizes))
+  losses, params, _ = _run(dict(zip(("data", "fsdp", "tensor"), sizes)), devices=jax.devices()[:n],
+                           cfg=CFG.replace(layer_streams=2))
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
+               ref_params)
+
+
 def test_gradient_accumulation_equals_one_big_batch(single_device_run):
   ref_losses, ref_params, _ = single_device_run
   losses, params, _ = _run({"data": 1, "fsdp": 1, "tensor": 1}, micro_batches=4,

@@ -44,6 +44,14 @@ class ModelConfig:
   # 1.01-1.03x 512 at bench_train's S and 1.04x at M on CPU (2048: 0.98x at S); peak memory
   # +3% at S and +2% at M, and +0.2 GiB on the 8B FSDP plan.
   loss_chunk_tokens: int = 1024
+  # Each layer runs on this many independent slices of the batch's rows (each batch shard's rows
+  # split evenly; 1 when they do not divide, and for cached decoding). Same math, row for row; the
+  # slices' products and elementwise passes do not depend on each other, so a runtime can run them
+  # side by side. XLA:CPU runs most of a layer's operations on one thread each: 2 measured
+  # 1.04-1.07x at bench_train's S and 1.03x at M on 2 cores, and configs/common.py sets it for
+  # the launchers. Accelerators run one operation at a time on all their cores, where 1 keeps the
+  # products at full height; the layer body is traced once per stream (compile +15% at S).
+  layer_streams: int = 1
   # Token ids recorded for export and generation (None when unknown).
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -83,6 +91,9 @@ class ModelConfig:
     if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
       raise ConfigError(f"model.loss_chunk_tokens must be an integer >= 0 (0: no chunking), got "
                         f"{self.loss_chunk_tokens!r}")
+    if not isinstance(self.layer_streams, int) or self.layer_streams < 1:
+      raise ConfigError(f"model.layer_streams must be a positive integer, got "
+                        f"{self.layer_streams!r}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
     if self.hf_architecture is not None and self.hf_architecture not in HF_ARCHITECTURES:

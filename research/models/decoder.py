@@ -48,6 +48,29 @@ def default_positions(segment_ids_bt: jax.Array) -> jax.Array:
   return (idx_bt - start_idx_bt).astype(jnp.int32)
 
 
+def layer_streams(cfg: ModelConfig, rows: int) -> int:
+  """How many row slices the layers run on: `cfg.layer_streams` when every batch shard's rows
+  divide by it, else 1."""
+  k = cfg.layer_streams
+  return k if k > 1 and rows % (k * act.batch_shards()) == 0 else 1
+
+
+def split_rows(x, k: int):
+  """[B, ...] -> k arrays [B / k, ...]; slice i holds rows i, i + k, ... so each batch shard's
+  rows split locally (as `split_micro_batches` does). Pytrees of arrays give a tuple of pytrees."""
+  def split(a):
+    a = a.reshape(a.shape[0] // k, k, *a.shape[1:])
+    return tuple(a[:, i] for i in range(k))
+  leaves, treedef = jax.tree.flatten(x)
+  parts = [split(a) for a in leaves]
+  return tuple(jax.tree.unflatten(treedef, [p[i] for p in parts]) for i in range(k))
+
+
+def merge_rows(xs):
+  """The inverse of `split_rows`."""
+  return jnp.stack(xs, axis=1).reshape(-1, *xs[0].shape[1:])
+
+
 class Decoder(nn.Module):
   """The decoder, optionally with a PEFT method composed on (`peft`) and dropout on (`deterministic`).
 
@@ -98,6 +121,9 @@ class Decoder(nn.Module):
     # Built once here, read by every layer (see rotary_tables).
     rope = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
     block = self._block()
+    streams = layer_streams(cfg, x_bte.shape[0]) if cache is None else 1
+    if streams > 1:
+      x_bte, mask_b1ts, rope = (split_rows(a, streams) for a in (x_bte, mask_b1ts, rope))
     if cfg.scan_layers:
       x_bte, new_kv = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -114,6 +140,8 @@ class Decoder(nn.Module):
         new_kv_list.append(kv)
       new_kv = None if layers_kv is None else jax.tree.map(lambda *xs: jnp.stack(xs),
                                                              *new_kv_list)
+    if streams > 1:
+      x_bte = merge_rows(x_bte)
     hidden_bte = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype,
                          name="final_norm")(x_bte)
     if n_virtual:

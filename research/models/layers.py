@@ -392,7 +392,11 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block. Returns (x, this layer's new KV cache or None): the body of `nn.scan`."""
+  """Pre-norm block. Returns (x, this layer's new KV cache or None): the body of `nn.scan`.
+
+  `x_bte` may be a tuple of row slices (`ModelConfig.layer_streams`), with `mask_b1ts` and `rope`
+  tuples to match: each slice goes through the same weights on its own, and a tuple comes back.
+  """
   config: ModelConfig
   peft: PeftConfig = NO_PEFT
   deterministic: bool = True
@@ -401,15 +405,26 @@ class DecoderBlock(nn.Module):
   def __call__(self, x_bte, mask_b1ts, rope, layer_kv=None, cache_index=None):
     cfg, peft = self.config, self.peft
     norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    attn_norm = RMSNorm(**norm, name="attn_norm")
+    attn = Attention(cfg, peft, self.deterministic, name="attn")
+    mlp_norm = RMSNorm(**norm, name="mlp_norm")
+    mlp = MLP(cfg, peft, self.deterministic, name="mlp")
+    adapters = None
+    if peft.method == "adapter":
+      adapters = [BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype,
+                                    name=name) for name in ("attn_adapter", "mlp_adapter")]
+
+    def block(x_bte, mask_b1ts, rope, cache):
+      h, new_kv = attn(attn_norm(x_bte), mask_b1ts, rope, cache)
+      if adapters:
+        h = adapters[0](h)
+      x_bte = x_bte + h
+      h = mlp(mlp_norm(x_bte))
+      if adapters:
+        h = adapters[1](h)
+      return act.constrain(x_bte + h, act.RESIDUAL), new_kv
+
+    if isinstance(x_bte, tuple):
+      return tuple(block(x, m, r, None)[0] for x, m, r in zip(x_bte, mask_b1ts, rope)), None
     cache = None if layer_kv is None else KVCache(*layer_kv, cache_index)
-    h = RMSNorm(**norm, name="attn_norm")(x_bte)
-    h, new_kv = Attention(cfg, peft, self.deterministic, name="attn")(h, mask_b1ts, rope, cache)
-    if peft.method == "adapter":
-      h = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype,
-                            name="attn_adapter")(h)
-    x_bte = x_bte + h
-    h = MLP(cfg, peft, self.deterministic, name="mlp")(RMSNorm(**norm, name="mlp_norm")(x_bte))
-    if peft.method == "adapter":
-      h = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype,
-                            name="mlp_adapter")(h)
-    return act.constrain(x_bte + h, act.RESIDUAL), new_kv
+    return block(x_bte, mask_b1ts, rope, cache)
