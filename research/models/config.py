@@ -50,7 +50,7 @@ class ModelConfig:
   # side by side. XLA:CPU runs most of a layer's operations on one thread each: 2 measured
   # 1.04-1.07x at bench_train's S and 1.03x at M on 2 cores, and configs/common.py sets it for
   # the launchers. Accelerators run one operation at a time on all their cores, where 1 keeps the
-  # products at full height; the layer body is traced once per stream (compile +15% at S).
+  # products at full height; the layer body is traced once per stream (compile +15-25% at S).
   layer_streams: int = 1
   # Token ids recorded for export and generation (None when unknown).
   bos_token_id: int | None = None
