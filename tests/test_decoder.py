@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from research.models.config import ModelConfig
-from research.models.decoder import Decoder, default_positions, stack_layers, unstack_layers
+from research.models.decoder import (Decoder, default_positions, layer_streams, stack_layers,
+                                     unstack_layers)
 
 CFG = ModelConfig(vocab_size=97, hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
                   mlp_dim=96, rope_theta=5000.0)
@@ -59,9 +60,13 @@ def test_layer_streams_give_the_same_logits_and_gradients(scan):
                                                           has_aux=True))(params)
   for streams in (2, 3):
     c = cfg.replace(layer_streams=streams)
-    (_, logits), grads = jax.jit(jax.value_and_grad(functools.partial(loss, c), has_aux=True))(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(functools.partial(loss, c),
+                                                    has_aux=True))(params)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
+                 ref_grads)
+  assert layer_streams(cfg.replace(layer_streams=3), 4) == 1
+
   def product_lhs_shapes(c):  # the layers' products see [rows x tokens, features]
     text = jax.jit(functools.partial(loss, c)).lower(params).as_text()
     return set(re.findall(r"stablehlo.dot_general .*: \(tensor<(\d+)x48xf32>", text))
