@@ -54,6 +54,13 @@ def _run(mesh_sizes, steps=3, micro_batches=1, devices=None, peft=NO_PEFT, cfg=C
   return losses, jax.device_get(state.params), state
 
 
+def _assert_trains_alike(losses, params, ref_losses, ref_params):
+  """The same losses and trained params, to 1e-5 relative in float32."""
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
+               ref_params)
+
+
 @pytest.fixture(scope="module")
 def single_device_run():
   return _run({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -65,8 +72,7 @@ def test_mesh_shapes_match_single_device(single_device_run, sizes):
   n = int(np.prod(sizes))
   losses, params, state = _run(dict(zip(("data", "fsdp", "tensor"), sizes)),
                                devices=jax.devices()[:n])
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+  _assert_trains_alike(losses, params, ref_losses, ref_params)
   assert ref_losses[-1] < ref_losses[0]
   if sizes == (2, 2, 2):  # params really are sharded, not replicated
     q_spec = state.params["layers"]["attn"]["q"]["kernel"].sharding.spec
@@ -81,17 +87,14 @@ def test_layer_streams_train_as_one_stream_on_every_mesh(single_device_run, size
   n = int(np.prod(sizes))
   losses, params, _ = _run(dict(zip(("data", "fsdp", "tensor"), sizes)), devices=jax.devices()[:n],
                            cfg=CFG.replace(layer_streams=2))
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
-               ref_params)
+  _assert_trains_alike(losses, params, ref_losses, ref_params)
 
 
 def test_gradient_accumulation_equals_one_big_batch(single_device_run):
   ref_losses, ref_params, _ = single_device_run
   losses, params, _ = _run({"data": 1, "fsdp": 1, "tensor": 1}, micro_batches=4,
                            devices=jax.devices()[:1])
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+  _assert_trains_alike(losses, params, ref_losses, ref_params)
 
 
 @pytest.mark.parametrize("sizes,tied", [((1, 1, 1), False), ((2, 2, 2), False), ((1, 8, 1), False),
@@ -106,9 +109,7 @@ def test_chunked_lm_loss_matches_whole_logits_on_every_mesh(sizes, tied):
   n = int(np.prod(sizes))
   losses, params, _ = _run(dict(zip(("data", "fsdp", "tensor"), sizes)), devices=jax.devices()[:n],
                            cfg=cfg.replace(loss_chunk_tokens=4))
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params,
-               ref_params)
+  _assert_trains_alike(losses, params, ref_losses, ref_params)
 
 
 @pytest.mark.parametrize("peft", [
@@ -123,8 +124,7 @@ def test_peft_on_a_sharded_mesh_matches_single_device(peft):
                                    peft=peft)
   losses, params, _ = _run({"data": 2, "fsdp": 2, "tensor": 2}, peft=peft,
                            cfg=CFG.replace(layer_streams=2))
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, ref_params)
+  _assert_trains_alike(losses, params, ref_losses, ref_params)
 
 
 def _abstract_batch(sharding, rows: int, t: int) -> dict:
