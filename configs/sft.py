@@ -16,7 +16,8 @@ from configs import common, pretrain
 def peft_config(**overrides) -> ConfigDict:
   """Fields of research.models.peft.PeftConfig."""
   c = ConfigDict(dict(method="lora", r=8, alpha=16.0, dropout=0.0, targets=("q", "v"),
-                      rslora=False, num_virtual_tokens=0, adapter_dim=0))
+                      rslora=False, num_virtual_tokens=0, adapter_dim=0,
+                      param_dtype="float32"))
   c.update(overrides)
   return c
 

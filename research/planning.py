@@ -17,12 +17,11 @@ from research.errors import ConfigError
 from research.models.config import ModelConfig
 from research.models.peft import NO_PEFT, PeftConfig
 from research.parallel.mesh import make_mesh
-from research.parallel.rules import Rules, batch_shard_count, batch_sharding, logical_to_spec
+from research.parallel.rules import Rules, batch_shard_count, logical_to_spec
 from research.stages import setup
 from research.stages.lm import decoder_init, lm_loss_fn
-from research.train.optimizer import make_optimizer
-from research.train.state import TrainState, abstract_state
-from research.train.step import jit_train_step, make_train_step
+from research.train.builder import build_step
+from research.train.state import TrainState
 
 GIB = 2 ** 30
 
@@ -82,15 +81,12 @@ def abstract_batch(global_batch: int, seq_len: int, sharding) -> dict[str, jax.S
 def lowered_step(config: ConfigDict, cfg: ModelConfig, peft: PeftConfig, mesh: Mesh, rules: Rules,
                  global_batch: int, micro_batches: int):
   """(jax.stages.Lowered train step, abstract state): exactly what the stages jit, on shapes."""
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-  init_fn = decoder_init(cfg, peft)
-  abstract, shardings = abstract_state(init_fn, tx, mesh, rules)
-  b_sharding = batch_sharding(mesh, rules)
-  loss = lm_loss_fn(cfg, peft, deterministic=False)
-  step = jit_train_step(make_train_step(loss, tx, schedule, micro_batches), shardings, b_sharding,
-                        rules)
-  batch = abstract_batch(global_batch, seq_len_of(config), b_sharding)
-  return step.lower(abstract, batch), abstract
+  built = build_step(init_fn=decoder_init(cfg, peft), optimizer=config.optimizer,
+                     total_steps=config.train.steps, mesh=mesh, rules=rules,
+                     loss_fn=lm_loss_fn(cfg, peft, deterministic=False),
+                     micro_batches=micro_batches)
+  batch = abstract_batch(global_batch, seq_len_of(config), built.batch_sharding)
+  return built.train_step.lower(built.abstract, batch), built.abstract
 
 
 def shard_bytes(tree: Any) -> int:

@@ -121,23 +121,20 @@ def jax_parts(size: Size, layers: int | None = None) -> JaxParts:
   from ml_collections import ConfigDict
 
   from research.parallel.mesh import make_mesh
-  from research.parallel.rules import batch_sharding
   from research.stages.lm import decoder_init, lm_loss_fn
-  from research.train.optimizer import make_optimizer
-  from research.train.state import abstract_state
-  from research.train.step import jit_train_step, make_train_step
+  from research.train.builder import abstract_batch_like, build_step
 
   cfg = model_config(size, layers)
   opt = ConfigDict(dict(lr=LR, warmup_steps=0, schedule="constant", min_lr_ratio=1.0, b1=B1, b2=B2,
                         eps=EPS, weight_decay=WD, clip_norm=CLIP))
   mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  tx, schedule = make_optimizer(opt, total_steps=1_000_000)
   init_fn = decoder_init(cfg)
-  abstract, shardings = abstract_state(init_fn, tx, mesh)
-  bs = batch_sharding(mesh)
-  step = jit_train_step(make_train_step(lm_loss_fn(cfg), tx, schedule), shardings, bs)
+  built = build_step(init_fn=init_fn, optimizer=opt, total_steps=1_000_000, mesh=mesh,
+                     loss_fn=lm_loss_fn(cfg))
+  step, tx, shardings, bs, abstract = (built.train_step, built.tx, built.shardings,
+                                       built.batch_sharding, built.abstract)
   host = random_batch(size)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bs) for k, v in host.items()}
+  abstract_batch = abstract_batch_like(host, bs)
   return JaxParts(step, init_fn, tx, shardings, bs, abstract, abstract_batch, host)
 
 

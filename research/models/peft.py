@@ -37,6 +37,10 @@ class PeftConfig:
   num_virtual_tokens: int = 0
   # bottleneck adapters
   adapter_dim: int = 0
+  # dtype of every parameter added on top of the base (LoRA, soft prompt, adapters, value and
+  # score heads) and so of its optimizer moments: small, trained, and kept float32 over a
+  # bfloat16 base so that updates far below a bfloat16 ulp are not rounded away.
+  param_dtype: str = "float32"
 
   def __post_init__(self):
     object.__setattr__(self, "targets", tuple(self.targets))
@@ -55,6 +59,10 @@ class PeftConfig:
       raise ConfigError("peft.method='prompt' needs peft.num_virtual_tokens >= 1")
     if self.method == "adapter" and self.adapter_dim < 1:
       raise ConfigError("peft.method='adapter' needs peft.adapter_dim >= 1")
+    try:
+      jnp.dtype(self.param_dtype)
+    except TypeError as e:
+      raise ConfigError(f"peft.param_dtype={self.param_dtype!r} is not a dtype") from e
 
   @property
   def lora_scale(self) -> float:
@@ -132,8 +140,22 @@ def is_trainable_path(path: tuple[Any, ...]) -> bool:
              for k in keys)
 
 
+def cast_added(params: Any, dtype: Any) -> Any:
+  """`params` with every floating parameter that a PEFT method or a head added cast to `dtype`
+  (boxed or plain leaves, arrays or shapes); the base's parameters keep theirs."""
+  def cast(path, x):
+    if not (is_trainable_path(path) and jnp.issubdtype(x.dtype, jnp.floating)):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def split_trainable(params: Any, peft: PeftConfig) -> tuple[Any, Any]:
-  """(trainable, frozen) nested dicts: everything trains without PEFT, only the added params with."""
+  """(trainable, frozen) nested dicts: everything trains without PEFT, only the added params with.
+  Added params come in `peft.param_dtype` whatever the base's dtype."""
+  params = cast_added(params, jnp.dtype(peft.param_dtype))
   if peft.method == "none":
     return params, {}
   flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(

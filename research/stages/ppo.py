@@ -170,7 +170,8 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
     else:
       pretrain.run(_with_mesh(config.base, config), os.path.join(workdir, "base"), resume=True)
       init = os.path.join(workdir, "base")
-  policy_cfg, policy_params, tok_dir = setup.load_init_weights(init, mesh, rules)
+  policy_cfg, policy_params, tok_dir = setup.load_init_weights(init, mesh, rules,
+                                                                   config.get("model"))
   if not tok_dir:
     raise ConfigError(f"init={init!r} has no tokenizer files beside its weights")
   tokenizer = tokenizer_lib.load_tokenizer(tok_dir)

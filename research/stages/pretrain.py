@@ -56,7 +56,8 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   if resuming:  # the run's own model config, whatever `init` or `model.*` say now
     init_cfg = wd.read_model_config(workdir)
   elif config.init:
-    init_cfg, init_params, init_tok = setup.load_init_weights(config.init, mesh, rules)
+    init_cfg, init_params, init_tok = setup.load_init_weights(config.init, mesh, rules,
+                                                                      config.get("model"))
   texts = corpus_texts(config, workdir)
   tokenizer = prepare_tokenizer(config, workdir, texts, init_tok)
   cfg = init_cfg or setup.model_config_from(config.model, len(tokenizer), tokenizer)

@@ -120,7 +120,8 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   else:
     init = config.init or build_base(config.base, config.mesh, workdir,
                                      preference_texts(train_records))
-    cfg, base_params, tok_dir = setup.load_init_weights(init, mesh, rules)
+    cfg, base_params, tok_dir = setup.load_init_weights(init, mesh, rules,
+                                                          config.get("model"))
   if not tok_dir:
     raise ConfigError(f"init={config.init!r} has no tokenizer files beside its weights")
   tokenizer = tokenizer_lib.load_tokenizer(tok_dir)

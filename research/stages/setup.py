@@ -76,8 +76,44 @@ def check_workdir(workdir: str, resume: bool) -> None:
                     "choose a new --workdir")
 
 
-def load_init_weights(init: str, mesh: Mesh, rules: Rules) -> tuple[ModelConfig, Any, str | None]:
-  """(model config, params on `mesh`, tokenizer dir) from a workdir or a Hugging Face directory."""
+# ModelConfig fields that say how to run a model, not what it is: with `--config.init=DIR` the
+# architecture comes from DIR and these come from the config's `model` section.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_streams",
+                  "loss_chunk_tokens")
+
+
+def with_runtime_fields(cfg: ModelConfig, section: ConfigDict | None,
+                        source: str = "") -> ModelConfig:
+  """`cfg` with the runtime fields of the config's `model` section (when it has one); prints
+  once what was applied."""
+  if section is None:
+    return cfg
+  names = [n for n in RUNTIME_FIELDS if n in section and hasattr(cfg, n)]
+  new = cfg.replace(**{n: section[n] for n in names})
+  if jax.process_index() == 0 and names:
+    changed = [f"{n}={getattr(new, n)!r} (was {getattr(cfg, n)!r})" for n in names
+               if getattr(new, n) != getattr(cfg, n)]
+    print(f"init {source}: architecture from the checkpoint; from the config: " +
+          (", ".join(changed) if changed else "nothing differs") +
+          f" [{', '.join(f'{n}={getattr(new, n)!r}' for n in names)}]", flush=True)
+  return new
+
+
+def load_init_weights(init: str, mesh: Mesh, rules: Rules, runtime: ConfigDict | None = None
+                      ) -> tuple[ModelConfig, Any, str | None]:
+  """(model config, params on `mesh`, tokenizer dir) from a workdir or a Hugging Face directory.
+
+  `runtime`, the config's `model` section if it has one, overrides RUNTIME_FIELDS; the params are
+  cast to its `param_dtype`."""
+  cfg, params, tok_dir = _load_init(init, mesh, rules)
+  new = with_runtime_fields(cfg, runtime, init)
+  if new.param_dtype != cfg.param_dtype:
+    params = jax.tree.map(lambda x: x.astype(new.weight_dtype)
+                          if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, params)
+  return new, params, tok_dir
+
+
+def _load_init(init: str, mesh: Mesh, rules: Rules) -> tuple[ModelConfig, Any, str | None]:
   if not os.path.isdir(init):
     raise ConfigError(f"init={init!r} is not a directory: give a workdir of this project or a "
                       "Hugging Face model directory")

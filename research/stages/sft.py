@@ -58,7 +58,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   else:
     init = config.init or build_base(config.base, config.mesh, workdir,
                                      record_texts(train_records))
-    cfg, base_params, tok_dir = setup.load_init_weights(init, mesh, rules)
+    cfg, base_params, tok_dir = setup.load_init_weights(init, mesh, rules, config.get("model"))
   if not tok_dir:
     raise ConfigError(f"init={config.init!r} has no tokenizer files; SFT needs the base model's "
                       "tokenizer beside its weights")

@@ -14,15 +14,14 @@ from ml_collections import ConfigDict
 
 from research.data import loader
 from research.parallel.distributed import global_batch_from_local
-from research.parallel.rules import Rules, batch_sharding
+from research.parallel.rules import Rules
 from research.stages import setup
 from research.train import workdir as wd
+from research.train.builder import StepFactory, build_step
 from research.train.checkpoints import Checkpointer
 from research.train.loop import LoopHooks
-from research.train.optimizer import make_optimizer
-from research.train.state import BoxedInit, TrainState, abstract_state
-from research.train.step import (LossFn, jit_eval_step, jit_train_step, make_eval_step,
-                                 make_train_step)
+from research.train.state import BoxedInit, TrainState
+from research.train.step import LossFn
 
 # eval step (jitted, (state, global batch) -> outputs), batch sharding -> (state -> metrics)
 EvaluatorFactory = Callable[[Callable, Any], Callable[[TrainState], dict[str, float]] | None]
@@ -41,9 +40,7 @@ class StageSpec:
   meta: dict = dataclasses.field(default_factory=dict)  # JSON saved in every checkpoint
   before_loop: Callable[[TrainState, int], None] | None = None  # (state, start step)
   lm_loss: bool = True  # report perplexity
-  # (tx, schedule) -> (state, batch) -> (state, metrics): a stage's own step (PPO) instead of
-  # the generic gradient step over `train_loss`.
-  make_step: Callable | None = None
+  make_step: StepFactory | None = None  # a stage's own step (PPO) instead of one over train_loss
 
 
 def overlay(fresh: Any, base: Any) -> Any:
@@ -70,8 +67,13 @@ def _unaliased(tree: Any) -> Any:
 def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec, *, mesh: Mesh,
                  rules: Rules) -> tuple[TrainState, dict[str, float]]:
   """Trains and returns (final state, last eval metrics)."""
-  tx, schedule = make_optimizer(config.optimizer, config.train.steps)
-  abstract, shardings = abstract_state(spec.init_fn, tx, mesh, rules)
+  built = build_step(init_fn=spec.init_fn, optimizer=config.optimizer,
+                     total_steps=config.train.steps, mesh=mesh, rules=rules,
+                     loss_fn=None if spec.make_step else spec.train_loss,
+                     micro_batches=config.train.micro_batches, make_step=spec.make_step,
+                     eval_loss=spec.eval_loss or spec.train_loss,
+                     with_eval=spec.make_evaluator is not None)
+  tx, shardings = built.tx, built.shardings
   checkpointer = Checkpointer(wd.checkpoint_dir(workdir), config.train.keep_checkpoints,
                               async_save=config.train.async_checkpoints)
 
@@ -86,20 +88,15 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
 
   init_params = from_base if spec.base_params is not None else None
   state, start_step, extra = setup.start_state(
-      config=config, workdir=workdir, resume=resume, abstract=abstract, shardings=shardings,
+      config=config, workdir=workdir, resume=resume, abstract=built.abstract, shardings=shardings,
       init_fn=spec.init_fn, tx=tx, checkpointer=checkpointer, init_params=init_params)
   if start_step:
     logging.info("resumed from step %d", start_step)
 
-  b_sharding = batch_sharding(mesh, rules)
-  step_fn = (spec.make_step(tx, schedule) if spec.make_step else
-             make_train_step(spec.train_loss, tx, schedule, config.train.micro_batches))
-  train_step = jit_train_step(step_fn, shardings, b_sharding, rules)
+  b_sharding, train_step = built.batch_sharding, built.train_step
   evaluate = None
   if spec.make_evaluator is not None:
-    eval_step = jit_eval_step(make_eval_step(spec.eval_loss or spec.train_loss), shardings,
-                              b_sharding, rules)
-    evaluate = spec.make_evaluator(eval_step, b_sharding)
+    evaluate = spec.make_evaluator(built.eval_step, b_sharding)
   batches = loader.BatchIterator(spec.train_rows, config.train.global_batch, config.seed,
                                  start_position=extra.get("data_position", 0),
                                  process_index=jax.process_index(),
