@@ -1,15 +1,14 @@
 """A Llama-3.2-1B-shaped model pretrained on a TPU v5e-64 slice (64 chips, 8 hosts):
 `scripts/plan.py` plans it on 64 host devices; on the slice every host runs the same
 `python -m experiments.pretrain --config=configs/plan_llama32_1b_v5e.py
---config.data.tokenizer=DIR --config.data.corpus=DATA --workdir=DIR` (README: multi-host).
+--config.data.tokenizer=DIR --config.data.corpus=DATA --workdir=DIR` (see docs/planning.md).
 
 v5e chips have 16 GiB. Weights + AdamW are 16 bytes/param (20 GB): split 4 ways by tensor
 parallelism (heads, MLP and the 128k vocabulary, so the logits are split too) and replicated over
 16 data groups; 1M-token batches (512 rows of 2048) in 8 micro-batches of 4 rows per group.
 bfloat16 compute; remat `dots_no_batch` keeps the weight matmuls' outputs and recomputes attention
-and elementwise work: 12.8 GiB per chip planned, no recompute of the big matmuls. (FSDP meshes do
-not fit today: without activation sharding constraints XLA gathers activations over the fsdp
-axis, see README planning notes; `full` remat fits only at 96% with data=16 x fsdp=4.)
+and elementwise work, so the big matmuls are not recomputed. The plan's figures are in
+docs/planning.md.
 """
 
 from ml_collections import ConfigDict

@@ -1,7 +1,7 @@
 """Llama-3-70B (continued) pretraining on a TPU v5p-128 slice: 128 TensorCores = 64 chips = 64
 JAX devices on 16 hosts. `scripts/plan.py` plans it on 64 host devices; on the slice every host
 runs the same `python -m experiments.pretrain --config=configs/plan_llama3_70b_v5p.py
---config.data.tokenizer=DIR --config.data.corpus=DATA --workdir=DIR` (see README, multi-host).
+--config.data.tokenizer=DIR --config.data.corpus=DATA --workdir=DIR` (see docs/planning.md).
 
 Mesh fsdp=16 x tensor=4: weights and AdamW state sharded 64 ways (16 bytes/param -> ~17.6 GB per
 chip); heads and MLP split over 4 chips, so each chip holds a quarter of every layer's attention

@@ -111,8 +111,9 @@ def matmul_params(cfg: ModelConfig) -> int:
 def model_flops(cfg: ModelConfig, tokens: int, seq_len: int, peft_params: int = 0,
                 base_trains: bool = True) -> dict[str, float]:
   """Training FLOPs per step: 6·N·tokens (2 forward, 2 activation grads, 2 weight grads; frozen
-  weights skip the weight grads) plus attention: QK^T and PV over the full T×S (the decoder masks,
-  it does not skip), 4·T·S·H·D forward per row and layer, twice that backward."""
+  weights skip the weight grads) plus attention: QK^T and PV over the full T×S, 4·T·S·H·D forward
+  per row and layer, twice that backward. That is PaLM's convention; `attend`'s causal query
+  blocks skip the never-visible blocks, so XLA counts less."""
   n_all = matmul_params(cfg) + peft_params
   trained = n_all if base_trains else peft_params
   dense = (4 * n_all + 2 * trained) * tokens
@@ -140,7 +141,8 @@ def activation_estimate(cfg: ModelConfig, peft: PeftConfig, mesh: Mesh, rules: R
   c = jnp.dtype(cfg.dtype).itemsize
   tokens = rows_per_device * seq_len
   # Per token and layer, in elements of the compute dtype, what autodiff keeps with no remat:
-  # norms' inputs/outputs, q/k/v (+rotated, +repeated k/v), attention output, gate/up/swiglu;
+  # norms' inputs/outputs, q/k/v (+rotated q/k), k/v at query-head width (2·h·d, an over-count:
+  # `attend` reads K/V per KV head and never repeats them), attention output, gate/up/swiglu;
   # attention keeps only each query row's float32 max and sum (`attend` recomputes the
   # probabilities in its backward). While a layer runs, its float32 scores and cast probabilities
   # exist for a moment: they count in the working set, not in what is kept.

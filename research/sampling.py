@@ -92,10 +92,8 @@ def generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, r
 def _generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, rng: jax.Array, *,
                      cfg: ModelConfig, sampling: SamplingConfig, pad_id: int,
                      peft: PeftConfig) -> tuple[jax.Array, jax.Array]:
-  # Decoding runs the layers unrolled, each with its own KV buffer. With scanned layers every
-  # step copied each layer's cache out of the stacked one and back (~30% of a step on CPU at
-  # PERF-NOTES' size S) and each layer's weights out of theirs (~10%); unrolled over one stacked
-  # cache it re-stacked the cache instead. A step went from 17 to 11 ms.
+  # Decoding runs the layers unrolled, each with its own KV buffer: over stacked layers or a
+  # stacked cache, every step would copy each layer's cache (and weights) out and back.
   if cfg.scan_layers:
     params = unstack_layers(params, cfg.num_layers)
   # remat only matters for gradients; unrolled it would also add barriers to the forward.
@@ -144,9 +142,8 @@ def _generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, 
 _STATIC = ("cfg", "peft", "sampling", "pad_id")
 _generate_tokens_jit = jax.jit(_generate_tokens, static_argnames=_STATIC)
 # XLA:CPU's YNNPACK fusions run decoding's skinny matmuls (a few rows, the batch, times each
-# weight) slower than its plain dot thunks: without them a step took 25% less time at PERF-NOTES'
-# size M and 8% less at S, and a 4096-row prefill none more. Only this function's compile is
-# affected; the option is XLA:CPU's, so other backends never get it.
+# weight) slower than its plain dot thunks, and the prefill gains nothing from them. Only this
+# function's compile is affected; the option is XLA:CPU's, so other backends never get it.
 _generate_tokens_cpu = jax.jit(_generate_tokens, static_argnames=_STATIC,
                                compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
 

@@ -24,7 +24,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-# PERF-NOTES' sizes: hidden, layers, heads, kv heads, mlp, vocab.
+# bench_train's sizes S and M: hidden, layers, heads, kv heads, mlp, vocab.
 SIZES = {
     "S": dict(hidden=256, layers=4, heads=4, kv_heads=4, mlp=688, vocab=8192),
     "M": dict(hidden=512, layers=8, heads=8, kv_heads=2, mlp=1376, vocab=32000),

@@ -9,12 +9,12 @@ run; see `MatmulRate`), peak RSS of each framework (each measured alone in a chi
 process: `--only=jax|torch --size=S`), and the compile time of the JAX step at 2 and 16 layers (S
 widths).
 
-Allocator: XLA:CPU allocates each step's temporaries afresh (197 MB at S), and glibc serves large
-blocks with new mmaps, so every step page-faults its working set in again (~50-64k faults, 0.12-0.14
-s of system time per step at S); torch's eager step does the same with its activations.
-The script therefore re-executes itself once under `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-(malloc asks for transparent huge pages: ~100x fewer faults), the setting the README recommends
-for CPU training, unless `--default-allocator` is given. Both frameworks share the process (and
+Allocator: XLA:CPU allocates each step's temporaries afresh, and glibc serves large blocks with
+new mmaps, so every step page-faults its working set in again; torch's eager step does the same
+with its activations. The script therefore re-executes itself once under
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (malloc asks for transparent huge pages, which removes most
+of the faults), the setting the README recommends for CPU training, unless `--default-allocator`
+is given. Both frameworks share the process (and
 the RSS children inherit its environment), so both run under the same allocator either way.
 """
 
@@ -253,10 +253,9 @@ class MatmulRate:
 
   `burst()` is the best of a few back-to-back products at the start; `sample()` one product of
   each, taken between the alternated steps, so that the MFU denominator (their median) comes from
-  the same minutes, and the same machine state, as the steps it divides. On this shared 2-core
-  host the rate drifts by 10-20% within minutes (a 40 s loop of 2048² products here: best 178,
-  median 148 GFLOP/s), so a burst taken once beside a median of steps taken later mixes two
-  machine states. The best rate seen anywhere in the run is reported beside it.
+  the same minutes, and the same machine state, as the steps it divides: on a shared host the
+  rate drifts within minutes, so a burst taken once beside a median of steps taken later would
+  mix two machine states. The best rate seen anywhere in the run is reported beside it.
   """
 
   def __init__(self):
@@ -351,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps of each after compiling")
   p.add_argument("--quick", action="store_true", help="few steps: a smoke run")
   p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"),
-                 help="transformers attention implementation (sdpa measured faster here)")
+                 help="transformers attention implementation (sdpa: the faster on CPU)")
   p.add_argument("--no-memory", action="store_true", help="skip the child-process RSS runs")
   p.add_argument("--no-compile", action="store_true", help="skip the 2/16-layer compile timing")
   p.add_argument("--default-allocator", action="store_true",

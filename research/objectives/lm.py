@@ -15,7 +15,7 @@ def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
   Its backward is the closed form `g * (softmax(logits) - onehot(target))`, one elementwise pass
   over the logits. Autodiff of logsumexp + take_along_axis instead writes the exponentials, their
   scaled copy and a scatter-add of the one-hot into a zeroed [B, T, V] buffer: four passes over
-  the largest activation of a small model (~5% of a train step on CPU at bench_train's M).
+  the largest activation of a small model.
   """
   return _token_nll_fwd(logits_btv, targets_bt)[0]
 
@@ -134,8 +134,8 @@ def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, gro
 
   dkernel0 = None
   if with_grads:
-    # Zeros, not the first chunk's product run before the loop: that measured 1.01-1.03x at S but
-    # kept a second float32 [embed, vocab] buffer live (+1.9 GiB in the 8B FSDP plan).
+    # Zeros, not the first chunk's product run before the loop, which would keep a second
+    # float32 [embed, vocab] buffer live.
     shape = kernel_ev.shape if groups == 1 else (groups, *kernel_ev.shape)
     dkernel0 = grouped(jnp.zeros(shape, jnp.float32), None, "vocab")
   dkernel_gev, (nll_ng, dh_chunks) = jax.lax.scan(body, dkernel0, xs)
