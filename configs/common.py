@@ -7,7 +7,7 @@ import dataclasses
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
 
-from research.models.config import ModelConfig
+from research.models.config import RUNTIME_FIELDS, ModelConfig
 
 _FROM_TOKENIZER = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -21,6 +21,16 @@ def model_config(**overrides) -> ConfigDict:
             if f.name not in _FROM_TOKENIZER}
   c = ConfigDict({**fields, "vocab_size": 0, "head_dim": placeholder(int),
                   "hf_architecture": "llama", "layer_streams": 2})
+  c.update(overrides)
+  return c
+
+
+def runtime_config(**overrides) -> ConfigDict:
+  """The `model` section of a stage that starts from a checkpoint (`init`): only the fields that
+  say how to run it (dtype, remat, attention, ...), with ModelConfig's defaults; the
+  architecture comes from the checkpoint."""
+  fields = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in RUNTIME_FIELDS}
+  c = ConfigDict(fields)
   c.update(overrides)
   return c
 

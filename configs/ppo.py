@@ -44,6 +44,8 @@ def base_config() -> ConfigDict:
       optimizer=common.optimizer_config(lr=1e-5, warmup_steps=0, weight_decay=0.0,
                                         schedule="constant"),
       mesh=common.mesh_config(),
+      # How to run the model `init` (or the base built here) gives: dtype, remat, attention, ...
+      model=common.runtime_config(),
   ))
 
 

@@ -36,6 +36,8 @@ def base_config() -> ConfigDict:
                                 eval_batch_size=8, max_eval_batches=13),
       optimizer=common.optimizer_config(lr=1e-4, warmup_steps=20, weight_decay=0.0),
       mesh=common.mesh_config(),
+      # How to run the model `init` (or the base built here) gives: dtype, remat, attention, ...
+      model=common.runtime_config(),
   ))
 
 

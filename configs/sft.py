@@ -51,6 +51,8 @@ def base_config() -> ConfigDict:
       train=common.train_config(steps=200, eval_every=50, log_every=10, sample_tokens=40),
       optimizer=common.optimizer_config(lr=1e-3, warmup_steps=10, weight_decay=0.0),
       mesh=common.mesh_config(),
+      # How to run the model `init` (or the base built here) gives: dtype, remat, attention, ...
+      model=common.runtime_config(),
   ))
 
 

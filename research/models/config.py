@@ -11,6 +11,10 @@ from research.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 HF_ARCHITECTURES = ("llama", "qwen2", "mistral")  # the Hugging Face model types this decoder matches
+# Fields that say how to run a model, not what it is: a stage started from `--config.init=DIR`
+# takes the architecture from DIR and these from the config's `model` section.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_streams",
+                  "loss_chunk_tokens")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from research.errors import ConfigError, UserError
-from research.models.config import ModelConfig
+from research.models.config import RUNTIME_FIELDS, ModelConfig
 from research.parallel.mesh import make_mesh
 from research.parallel.distributed import check_global_batch
 from research.parallel.rules import DEFAULT_RULES, Rules, batch_shard_count
@@ -76,26 +76,25 @@ def check_workdir(workdir: str, resume: bool) -> None:
                     "choose a new --workdir")
 
 
-# ModelConfig fields that say how to run a model, not what it is: with `--config.init=DIR` the
-# architecture comes from DIR and these come from the config's `model` section.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_streams",
-                  "loss_chunk_tokens")
-
-
 def with_runtime_fields(cfg: ModelConfig, section: ConfigDict | None,
                         source: str = "") -> ModelConfig:
   """`cfg` with the runtime fields of the config's `model` section (when it has one); prints
-  once what was applied."""
+  once what was applied, and which architecture fields of the section the checkpoint overrides."""
   if section is None:
     return cfg
   names = [n for n in RUNTIME_FIELDS if n in section and hasattr(cfg, n)]
   new = cfg.replace(**{n: section[n] for n in names})
   if jax.process_index() == 0 and names:
-    changed = [f"{n}={getattr(new, n)!r} (was {getattr(cfg, n)!r})" for n in names
-               if getattr(new, n) != getattr(cfg, n)]
-    print(f"init {source}: architecture from the checkpoint; from the config: " +
-          (", ".join(changed) if changed else "nothing differs") +
-          f" [{', '.join(f'{n}={getattr(new, n)!r}' for n in names)}]", flush=True)
+    applied = ", ".join(f"{n}={getattr(new, n)!r}" + (
+        f" (checkpoint: {getattr(cfg, n)!r})" if getattr(new, n) != getattr(cfg, n) else "")
+        for n in names)
+    ignored = [f"{n}={section[n]!r} (checkpoint: {getattr(cfg, n)!r})" for n in section
+               if n not in RUNTIME_FIELDS and hasattr(cfg, n) and n != "vocab_size"
+               and section[n] is not None and section[n] != getattr(cfg, n)]
+    print(f"init {source}: runtime from the config: {applied}", flush=True)
+    if ignored:
+      print(f"init {source}: the architecture comes from the checkpoint; ignored from the config: "
+            + ", ".join(ignored), flush=True)
   return new
 
 
