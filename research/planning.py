@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import time
 from typing import Any
 
@@ -29,20 +31,46 @@ GIB = 2 ** 30
 @dataclasses.dataclass(frozen=True)
 class Accelerator:
   name: str
+  platform: str  # what jax.export lowers for: "cuda" or "tpu"
   bf16_flops: float  # dense peak, FLOP/s
+  f32_flops: float  # dense peak of float32 dots at JAX's default precision (TF32 on GPU, one
+  # bfloat16 pass on TPU)
   hbm_bandwidth: float  # bytes/s
   memory_bytes: float  # HBM per device
 
+  def peak_flops(self, dtype: str) -> float:
+    """The dense peak for dots computed in `dtype`."""
+    return self.bf16_flops if jnp.dtype(dtype).itemsize <= 2 else self.f32_flops
+
+  @property
+  def usable_bytes(self) -> float:
+    """What a JAX process can hold: on GPU the preallocated fraction of HBM (75% unless
+    XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), on TPU all of it."""
+    if self.platform != "cuda":
+      return self.memory_bytes
+    return self.memory_bytes * gpu_memory_fraction()
+
+
+def gpu_memory_fraction() -> float:
+  """JAX's GPU preallocation fraction: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75."""
+  raw = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+  try:
+    fraction = float(raw) if raw else 0.75
+  except ValueError as e:
+    raise ConfigError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={raw!r} is not a number") from e
+  if not 0.0 < fraction <= 1.0:
+    raise ConfigError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={raw!r} must lie in (0, 1]")
+  return fraction
+
 
 # Datasheet numbers per JAX device (a GPU, or a TPU chip: a v5p chip's two TensorCores are one
-# device, so a v5p-128 slice is 64 devices; a v5e-64 is 64). Dense bf16, no sparsity. Memory is
-# the HBM size; JAX on GPU preallocates 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION says more.
+# device, so a v5p-128 slice is 64 devices; a v5e-64 is 64). Dense, no sparsity.
 ACCELERATORS: dict[str, Accelerator] = {
-    "h100": Accelerator("NVIDIA H100 SXM", 989e12, 3.35e12, 80 * GIB),
-    "h200": Accelerator("NVIDIA H200 SXM", 989e12, 4.8e12, 141 * GIB),
-    "a100": Accelerator("NVIDIA A100 SXM 80GB", 312e12, 2.039e12, 80 * GIB),
-    "v5e": Accelerator("TPU v5e", 197e12, 819e9, 16 * GIB),
-    "v5p": Accelerator("TPU v5p", 459e12, 2.765e12, 95 * GIB),
+    "h100": Accelerator("NVIDIA H100 SXM", "cuda", 989e12, 494e12, 3.35e12, 80 * GIB),
+    "h200": Accelerator("NVIDIA H200 SXM", "cuda", 989e12, 494e12, 4.8e12, 141 * GIB),
+    "a100": Accelerator("NVIDIA A100 SXM 80GB", "cuda", 312e12, 156e12, 2.039e12, 80 * GIB),
+    "v5e": Accelerator("TPU v5e", "tpu", 197e12, 197e12, 819e9, 16 * GIB),
+    "v5p": Accelerator("TPU v5p", "tpu", 459e12, 459e12, 2.765e12, 95 * GIB),
 }
 
 
@@ -87,6 +115,55 @@ def lowered_step(config: ConfigDict, cfg: ModelConfig, peft: PeftConfig, mesh: M
                      micro_batches=micro_batches)
   batch = abstract_batch(global_batch, seq_len_of(config), built.batch_sharding)
   return built.train_step.lower(built.abstract, batch), built.abstract
+
+
+# Custom calls that carry shardings, not work.
+_SHARDING_CALLS = ("Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape")
+# What an attention kernel's custom call is called in a lowered program.
+ATTENTION_CALLS = {"tpu_custom_call": "Pallas/Mosaic TPU kernel",
+                   "__cudnn$fmha": "cuDNN fused attention"}
+
+
+def custom_calls(mlir_text: str) -> dict[str, int]:
+  """Custom-call targets of a lowered StableHLO module and how often each occurs (sharding
+  annotations left out)."""
+  found: dict[str, int] = {}
+  for a, b in re.findall(r'custom_call @([\w$.\-]+)|call_target_name = "([^"]+)"', mlir_text):
+    name = a or b
+    if name not in _SHARDING_CALLS:
+      found[name] = found.get(name, 0) + 1
+  return found
+
+
+def attention_kernels(calls: dict[str, int]) -> list[str]:
+  """The fused-attention kernels among `custom_calls`' targets, described."""
+  return [f"{ATTENTION_CALLS[prefix]} ({name})" for name in sorted(calls)
+          for prefix in ATTENTION_CALLS if name.startswith(prefix)]
+
+
+def for_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
+  """`cfg` with its backend-dependent choices (attention, layer streams) made for `platform`
+  instead of for the host this process runs on."""
+  changes = {}
+  if hasattr(cfg, "attention"):
+    from research.models import attention as attention_lib  # pylint: disable=import-outside-toplevel
+    changes["attention"] = attention_lib.resolve(cfg.attention, platform)
+  if cfg.layer_streams == 0:
+    changes["layer_streams"] = 1
+  return cfg.replace(**changes) if changes else cfg
+
+
+def exported_step(config: ConfigDict, cfg: ModelConfig, peft: PeftConfig, mesh: Mesh,
+                  rules: Rules, global_batch: int, micro_batches: int, platform: str):
+  """The train step exported (lowered, not compiled) for `platform` ("cuda" or "tpu") with the
+  model's choices made for that platform: the program the target would run."""
+  target = for_platform(cfg, platform)
+  built = build_step(init_fn=decoder_init(target, peft), optimizer=config.optimizer,
+                     total_steps=config.train.steps, mesh=mesh, rules=rules,
+                     loss_fn=lm_loss_fn(target, peft, deterministic=False),
+                     micro_batches=micro_batches)
+  batch = abstract_batch(global_batch, seq_len_of(config), built.batch_sharding)
+  return jax.export.export(built.train_step, platforms=[platform])(built.abstract, batch), target
 
 
 def shard_bytes(tree: Any) -> int:
@@ -243,6 +320,8 @@ class Plan:
   traffic_floor: float  # hbm_traffic_floor
   xla_bytes_accessed: float | None  # XLA:CPU's count (compiled probes): fuses less than GPU/TPU
   compile_s: float
+  attention: str  # the attention implementation the target platform runs
+  custom_calls: dict[str, int]  # custom-call targets of the step lowered for the target platform
 
   @property
   def tokens(self) -> int:
@@ -250,17 +329,27 @@ class Plan:
 
   @property
   def fits(self) -> bool:
-    return self.memory["total"] <= self.accelerator.memory_bytes
+    return self.memory["total"] <= self.accelerator.usable_bytes
 
-  def roofline(self) -> dict[str, float]:
-    """Lower bound on step time: the FLOPs at peak or the HBM traffic floor at full bandwidth,
-    whichever is longer (communication is not modelled); MFU is model FLOPs over that time."""
-    acc = self.accelerator
-    compute_s = self.flops_xla / acc.bf16_flops
-    memory_s = self.traffic_floor / acc.hbm_bandwidth
+  @property
+  def peak_flops(self) -> float:
+    return self.accelerator.peak_flops(self.dtype)
+
+  def roofline(self) -> dict[str, Any]:
+    """Lower bound on step time: XLA's FLOPs at the compute dtype's peak or the HBM traffic floor
+    at full bandwidth, whichever is longer (communication is not modelled).
+
+    `model_flops_share` is model FLOPs over XLA's FLOPs (what remat and masked work add).
+    `mfu_bound` is model FLOPs over (step time x peak): an MFU bound only when the step is
+    HBM-bound; when compute-bound it equals the share, and is None."""
+    compute_s = self.flops_xla / self.peak_flops
+    memory_s = self.traffic_floor / self.accelerator.hbm_bandwidth
     step_s = max(compute_s, memory_s)
-    return {"compute_s": compute_s, "memory_s": memory_s, "step_s": step_s,
-            "mfu_bound": self.flops_model["total"] / (step_s * acc.bf16_flops),
+    bound = "memory" if memory_s > compute_s else "compute"
+    return {"compute_s": compute_s, "memory_s": memory_s, "step_s": step_s, "bound": bound,
+            "model_flops_share": self.flops_model["total"] / self.flops_xla,
+            "mfu_bound": (self.flops_model["total"] / (step_s * self.peak_flops)
+                          if bound == "memory" else None),
             "tokens_per_s": self.tokens / step_s}
 
   def to_dict(self) -> dict[str, Any]:
@@ -310,6 +399,11 @@ def plan_step(config: ConfigDict, accelerator: str | Accelerator, devices: int |
   if gb % (micro * shards):
     raise ConfigError(f"train.global_batch={gb} is not divisible by micro_batches={micro} x the "
                       f"{shards} batch shards of mesh {dict(mesh.shape)}")
+  exported, target = exported_step(config, cfg, peft, mesh, rules, gb, micro, acc.platform)
+  calls = custom_calls(exported.mlir_module())
+  # Memory and FLOPs come from the step compiled here, on host CPU devices, so with a kernel the
+  # host can compile: the target's fused kernel keeps the same per-row statistics.
+  cfg = for_platform(cfg, "cpu")
   t0 = time.perf_counter()
   lowered, state = lowered_step(config, cfg, peft, mesh, rules, gb, micro)
   compiled = lowered.compile()
@@ -342,4 +436,5 @@ def plan_step(config: ConfigDict, accelerator: str | Accelerator, devices: int |
       memory_method=memory_method, xla_memory=xla_memory, estimate=estimate, flops_xla=flops,
       flops_method=flops_method, flops_model={k: v / n for k, v in model.items()},
       traffic_floor=hbm_traffic_floor(cfg, mesh, micro, trained // 4, estimate),
-      xla_bytes_accessed=xla_bytes, compile_s=compile_s)
+      xla_bytes_accessed=xla_bytes, compile_s=compile_s,
+      attention=getattr(target, "attention", "cpu_blocked"), custom_calls=calls)

@@ -1,6 +1,6 @@
 """Plan a config's train step before renting the hardware: per-device memory, FLOPs per step and a
-roofline step time / MFU bound on a named accelerator, from the step compiled on host CPU devices
-with abstract shapes (nothing the size of the model is allocated).
+roofline step time on a named accelerator, and the attention kernel of the step lowered for it,
+from the step compiled on host CPU devices with abstract shapes (nothing the size of the model is allocated).
 
   python scripts/plan.py --config=configs/plan_llama3_8b_fsdp.py [--accelerator=h100] \
       [--devices=8] [--config.train.global_batch=16 ...] [--fast] [--json=plan.json]
@@ -37,13 +37,18 @@ def device_count(config, requested: int | None) -> int:
 
 
 def use_host_devices(n: int) -> None:
-  """XLA_FLAGS for n host CPU devices, before jax is imported. (Called in a process where jax
-  already runs, e.g. a test, it changes nothing: planning then checks the devices suffice.)"""
+  """n host CPU devices for the plan. XLA reads XLA_FLAGS when its first backend starts, not when
+  jax is imported (a config file may import jax): too late only once a backend runs, and then
+  planning checks that the devices suffice."""
   if "jax" in sys.modules:
-    return
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    if xla_bridge.backends_are_initialized():
+      return
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
+  if "jax" in sys.modules:  # the platform flag was read at import
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def _g(x: float) -> str:
@@ -55,16 +60,32 @@ def _t(seconds: float) -> str:
 
 
 def format_plan(plan, name: str) -> str:
+  from research import planning  # pylint: disable=import-outside-toplevel
   acc, m, est = plan.accelerator, plan.memory, plan.estimate
   r = plan.roofline()
   mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
   fits = "fits" if plan.fits else "DOES NOT FIT"
+  usable_note = (f" ({100 * acc.usable_bytes / acc.memory_bytes:.0f}% of {acc.memory_bytes / GIB:.0f}"
+                 " GiB: JAX's GPU preallocation, XLA_PYTHON_CLIENT_MEM_FRACTION)"
+                 if acc.usable_bytes < acc.memory_bytes else "")
+  kernels = planning.attention_kernels(plan.custom_calls)
+  calls = ", ".join(f"{k} x{v}" for k, v in sorted(plan.custom_calls.items())) or "none"
+  if r["bound"] == "memory":
+    verdict = (f"HBM-bound -> MFU <= {100 * r['mfu_bound']:.1f}%, "
+               f"<= {r['tokens_per_s']:,.0f} tokens/s (communication not modelled)")
+  else:
+    verdict = (f"compute-bound at peak, <= {r['tokens_per_s']:,.0f} tokens/s (communication not "
+               f"modelled); model FLOPs are {100 * r['model_flops_share']:.1f}% of XLA's "
+               "(remat and masked work), not an MFU bound")
   lines = [
       f"plan: {name} on {plan.devices} x {acc.name} (mesh {mesh})",
       f"model: {plan.params / 1e9:.3g} B params, {plan.trained_params / 1e9:.3g} B trained; "
       f"{plan.dtype} compute, remat {plan.remat_policy}; batch {plan.global_batch} x "
       f"{plan.seq_len} = {plan.tokens:,} tokens/step in {plan.micro_batches} micro-batch(es)",
       f"compiled on {plan.devices} host CPU devices in {plan.compile_s:.1f} s, abstract shapes",
+      f"attention on {acc.platform}: {plan.attention}; the step exported for {acc.platform} holds "
+      + (f"{', '.join(kernels)}" if kernels else "no fused-attention kernel") +
+      f" (custom calls: {calls})",
       "",
       "memory per device                     GiB",
       f"  params (trained)               {_g(m['params'])}",
@@ -75,8 +96,8 @@ def format_plan(plan, name: str) -> str:
       f"(shapes: {est['total'] / GIB:.2f} = saved {est['saved_activations'] / GIB:.2f} + layer "
       f"{est['layer_working_set'] / GIB:.2f} + logits {est['logits'] / GIB:.2f} + grads "
       f"{est['gradients'] / GIB:.2f})",
-      f"  total                          {_g(m['total'])}   of {acc.memory_bytes / GIB:.1f}: "
-      f"{fits} ({100 * m['total'] / acc.memory_bytes:.0f}%)",
+      f"  total                          {_g(m['total'])}   of {acc.usable_bytes / GIB:.1f} usable"
+      f"{usable_note}: {fits} ({100 * m['total'] / acc.usable_bytes:.0f}%)",
       f"  method: {plan.memory_method}; from shapes alone: {m['estimate_total'] / GIB:.2f} GiB",
       "",
       f"FLOPs per step, per device (x{plan.devices} devices)",
@@ -86,7 +107,7 @@ def format_plan(plan, name: str) -> str:
       f"{plan.flops_model['attention'] / 1e12:.2f}; XLA/model = "
       f"{plan.flops_xla / plan.flops_model['total']:.3f}, >1 with remat recompute)",
       "",
-      f"roofline on {acc.name} ({acc.bf16_flops / 1e12:.0f} TFLOP/s bf16, "
+      f"roofline on {acc.name} ({plan.peak_flops / 1e12:.0f} TFLOP/s {plan.dtype} peak, "
       f"{acc.hbm_bandwidth / 1e12:.2f} TB/s HBM, {acc.memory_bytes / GIB:.0f} GiB)",
       f"  compute at peak            {_t(r['compute_s'])}",
       f"  HBM traffic floor          {_t(r['memory_s'])}   "
@@ -94,12 +115,11 @@ def format_plan(plan, name: str) -> str:
           f"; XLA:CPU's bytes accessed, {plan.xla_bytes_accessed / 1e9:.0f} GB, not used: it "
           "fuses far less than GPU/TPU)"
           if plan.xla_bytes_accessed else ")"),
-      f"  step time >= {_t(r['step_s']).strip()} -> MFU <= {100 * r['mfu_bound']:.1f}%, "
-      f"<= {r['tokens_per_s']:,.0f} tokens/s (communication not modelled)",
+      f"  step time >= {_t(r['step_s']).strip()}: {verdict}",
   ]
   if not plan.fits:
     lines.append(f"WARNING: {m['total'] / GIB:.1f} GiB per device exceeds the "
-                 f"{acc.memory_bytes / GIB:.1f} GiB of a {acc.name}: shrink the per-device batch "
+                 f"{acc.usable_bytes / GIB:.1f} GiB usable on a {acc.name}: shrink the per-device batch "
                  "(micro_batches), remat more, or shard over more devices")
   return "\n".join(lines)
 
