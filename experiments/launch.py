@@ -14,6 +14,8 @@ flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --wor
 flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host run.")
+flags.DEFINE_bool("auto_distributed", True, "Without --coordinator_address, initialise "
+                  "jax.distributed when jax detects a cluster (TPU pod, SLURM, Open MPI).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -42,7 +44,8 @@ def run_main(stage_run: Callable, config) -> int:
     print("error: --workdir is required (the run directory to write into)", file=sys.stderr)
     return 2
   try:
-    maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                     auto=FLAGS.auto_distributed)
     stage_run(config, os.path.abspath(FLAGS.workdir), resume=FLAGS.resume)
   except UserError as e:
     logging.flush()

@@ -88,3 +88,26 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
     np.testing.assert_allclose(r["grad_norms"], ref["grad_norms"], rtol=1e-5)
   assert ref["losses"][-1] < ref["losses"][0]
+
+
+_SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+          "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize("env,expected", [({}, None), (_SLURM, "SlurmCluster")])
+def test_a_detected_cluster_initialises_without_flags(monkeypatch, env, expected):
+  """Without --coordinator_address, a cluster jax can detect (here SLURM's variables) gets
+  `jax.distributed.initialize()` with no arguments; none detected, nothing is called."""
+  from research.parallel import distributed
+  for name in list(os.environ):
+    if name.startswith(("SLURM_", "OMPI_", "TPU_", "KUBERNETES_")):
+      monkeypatch.delenv(name)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  assert distributed.detected_cluster() == expected
+  assert distributed.maybe_initialize("", 1, 0) == (expected is not None)
+  assert calls == ([((), {})] if expected else [])
+  calls.clear()
+  assert distributed.maybe_initialize("", 1, 0, auto=False) is False and not calls

@@ -11,13 +11,40 @@ from jax.sharding import NamedSharding
 from research.errors import ConfigError
 
 
+def detected_cluster() -> str | None:
+  """The cluster environment `jax.distributed.initialize()` would detect by itself (SLURM, Open
+  MPI, Cloud TPU VMs and GKE TPU pods, Kubernetes), or None. Opt-in methods (mpi4py) are not
+  auto-detected, as in jax."""
+  try:
+    from jax._src import clusters  # pylint: disable=import-outside-toplevel
+  except ImportError:  # jax moved its detection: fall back to explicit flags only
+    return None
+  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if getattr(env, "opt_in_only_method", False):
+      continue
+    try:
+      if env.is_env_present():
+        return env.__name__
+    except Exception:  # pylint: disable=broad-except
+      continue  # a detector that cannot tell (a missing optional package) is not this cluster
+  return None
+
+
 def maybe_initialize(coordinator_address: str, num_processes: int, process_id: int,
-                     cpu_collectives: str = "gloo") -> bool:
-  """Calls `jax.distributed.initialize` when a coordinator is given; True if it did."""
+                     cpu_collectives: str = "gloo", auto: bool = True) -> bool:
+  """Calls `jax.distributed.initialize`: with the flags when a coordinator is given, else with no
+  arguments when `auto` and jax can detect the cluster (a TPU pod, a SLURM job), so multi-host runs
+  need no flags there. True if it did."""
   if not coordinator_address:
     if num_processes not in (0, 1):
       raise ConfigError("--num_processes > 1 needs --coordinator_address=HOST:PORT")
-    return False
+    cluster = detected_cluster() if auto else None
+    if cluster is None:
+      return False
+    jax.distributed.initialize()
+    if jax.process_index() == 0:
+      print(f"jax.distributed: {cluster} detected, {jax.process_count()} process(es)", flush=True)
+    return True
   if num_processes < 1 or not 0 <= process_id < num_processes:
     raise ConfigError(f"--process_id={process_id} must lie in [0, --num_processes={num_processes})")
   if jax.config.jax_platforms in (None, "", "cpu") and cpu_collectives:
