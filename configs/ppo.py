@@ -1,7 +1,7 @@
 """PPO configs: `--config=configs/ppo.py:<preset>`.
 
 Presets:
-  hh_rlhf   PPO against a reward model trained on ../shared/data/hh_rlhf_harmless_test_500.jsonl,
+  hh_rlhf   PPO against a reward model trained on data/hh_rlhf_harmless_test_500.jsonl,
             prompts from the same file (held-out prompts for eval). With no `reward.model` it
             trains the reward model first (configs/reward.py:hh_rlhf), and with no `init` the
             policy starts from that reward model's base LM.
@@ -48,7 +48,7 @@ def base_config() -> ConfigDict:
 
 
 def _hh_rlhf(c: ConfigDict) -> None:
-  c.data.update(path="../shared/data/hh_rlhf_harmless_test_500.jsonl", max_prompt_len=96,
+  c.data.update(path=common.repo_data("hh_rlhf_harmless_test_500.jsonl"), max_prompt_len=96,
                 eval_count=64)  # 64 held-out prompts: with 16 the mean score's noise hid the trend
   c.sampling.max_new_tokens = 32
   c.optimizer.lr = 5e-5

@@ -1,7 +1,7 @@
 """Reward-model configs: `--config=configs/reward.py:<preset>`.
 
 Presets:
-  hh_rlhf  the rank loss on ../shared/data/hh_rlhf_harmless_test_500.jsonl, 100 pairs held out,
+  hh_rlhf  the rank loss on data/hh_rlhf_harmless_test_500.jsonl, 100 pairs held out,
            LoRA r=8 on all projections; with no `init` it first pretrains a small base on the
            training dialogues.
   test     seconds-long run for tests (needs data.path).
@@ -40,7 +40,7 @@ def base_config() -> ConfigDict:
 
 
 def _hh_rlhf(c: ConfigDict) -> None:
-  c.data.update(path="../shared/data/hh_rlhf_harmless_test_500.jsonl", long_prompts="truncate")
+  c.data.update(path=common.repo_data("hh_rlhf_harmless_test_500.jsonl"), long_prompts="truncate")
   # 400 training pairs overfit a fully fine-tuned model (train accuracy 1.0 by step 130, held-out
   # rank loss 0.69 -> 1.02, accuracy 0.54 at step 300); LoRA on all seven projections generalises
   # (held-out rank loss 0.689 -> 0.662, accuracy 0.52 -> 0.56 at step 150).

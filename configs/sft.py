@@ -1,7 +1,7 @@
 """Supervised fine-tuning configs: `--config=configs/sft.py:<preset>`.
 
 Presets:
-  huanhuan_lora  LoRA SFT on ../shared/data/huanhuan.json (r=8, alpha=32, dropout 0.1, all seven
+  huanhuan_lora  LoRA SFT on data/huanhuan.json (r=8, alpha=32, dropout 0.1, all seven
                  projections, as the self-llm Llama-3 tutorial); with no `init` it first pretrains
                  a small base (tokenizer included) on the training records' text.
   huanhuan_full  the same data, full fine-tuning.
@@ -54,7 +54,7 @@ def base_config() -> ConfigDict:
 
 
 def _huanhuan_lora(c: ConfigDict) -> None:
-  c.data.path = "../shared/data/huanhuan.json"
+  c.data.path = common.repo_data("huanhuan.json")
   c.peft.update(method="lora", r=8, alpha=32.0, dropout=0.1,
                 targets=("q", "k", "v", "o", "gate", "up", "down"))
 
