@@ -77,7 +77,10 @@ def check_workdir(workdir: str, resume: bool) -> None:
 
 
 def load_init_weights(init: str, mesh: Mesh, rules: Rules) -> tuple[ModelConfig, Any, str | None]:
-  """(model config, params on `mesh`, tokenizer dir) from a workdir or a Hugging Face directory."""
+  """(model config, params on `mesh`, tokenizer dir) from a workdir or a Hugging Face directory;
+  `fetch:NAME` is the cached HF dir of a model that research.interop.model_zoo fetches."""
+  from research.interop.model_zoo import resolve_init  # pylint: disable=import-outside-toplevel
+  init = resolve_init(init)
   if not os.path.isdir(init):
     raise ConfigError(f"init={init!r} is not a directory: give a workdir of this project or a "
                       "Hugging Face model directory")
