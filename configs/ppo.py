@@ -5,6 +5,9 @@ Presets:
             prompts from the same file (held-out prompts for eval). With no `reward.model` it
             trains the reward model first (configs/reward.py:hh_rlhf), and with no `init` the
             policy starts from that reward model's base LM.
+  hh_rlhf_smollm2  the same on SmolLM2-135M-Instruct (fetched on first use): a LoRA policy from
+            the instruct model (or an SFT run: --config.init=DIR), the reward model of
+            configs/reward.py:hh_rlhf_smollm2 (trained first unless --config.reward.model=DIR).
   wordlist  the sanity task: reward = fraction of response tokens from a word list, on a small
             code model pretrained here on the Python standard library.
   test      seconds-long wordlist run for tests.
@@ -55,6 +58,19 @@ def _hh_rlhf(c: ConfigDict) -> None:
   c.train.update(steps=100, eval_every=20)
 
 
+def _hh_rlhf_smollm2(c: ConfigDict) -> None:
+  _hh_rlhf(c)
+  c.init = "fetch:smollm2-135m-instruct"
+  c.reward_training = reward.get_config("hh_rlhf_smollm2")
+  c.peft.update(method="lora", r=8, alpha=16.0, dropout=0.0,
+                targets=("q", "k", "v", "o", "gate", "up", "down"))
+  c.data.update(max_prompt_len=96, eval_count=32)
+  c.sampling.max_new_tokens = 32
+  c.ppo.update(epochs=2, minibatches=2)
+  c.optimizer.lr = 1e-4
+  c.train.update(steps=16, global_batch=8, eval_every=8, checkpoint_every=8)
+
+
 def _wordlist(c: ConfigDict) -> None:
   c.reward.function = "wordlist"
   c.value.init = "policy"
@@ -79,7 +95,8 @@ def _test(c: ConfigDict) -> None:
   c.train.update(steps=20, global_batch=8, eval_every=10, log_every=5, checkpoint_every=10)
 
 
-PRESETS = {"hh_rlhf": _hh_rlhf, "wordlist": _wordlist, "test": _test}
+PRESETS = {"hh_rlhf": _hh_rlhf, "hh_rlhf_smollm2": _hh_rlhf_smollm2, "wordlist": _wordlist,
+           "test": _test}
 
 
 def get_config(preset: str = "wordlist") -> ConfigDict:

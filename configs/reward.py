@@ -4,6 +4,8 @@ Presets:
   hh_rlhf  the rank loss on data/hh_rlhf_harmless_test_500.jsonl, 100 pairs held out,
            LoRA r=8 on all projections; with no `init` it first pretrains a small base on the
            training dialogues.
+  hh_rlhf_smollm2  the same LoRA reward model on SmolLM2-135M-Instruct (fetched on first use);
+           CPU-sized.
   test     seconds-long run for tests (needs data.path).
 """
 
@@ -50,6 +52,16 @@ def _hh_rlhf(c: ConfigDict) -> None:
   c.train.update(steps=150, eval_every=25)
 
 
+def _hh_rlhf_smollm2(c: ConfigDict) -> None:
+  _hh_rlhf(c)
+  c.init = "fetch:smollm2-135m-instruct"
+  c.data.update(max_len=256, eval_count=64)
+  # Each pair is two rows of up to 256 tokens, about twice an SFT step: 40 steps (320 pairs).
+  c.optimizer.warmup_steps = 5
+  c.train.update(steps=40, global_batch=8, eval_every=20, max_eval_batches=8,
+                 checkpoint_every=20)
+
+
 def _test(c: ConfigDict) -> None:
   c.data.update(max_len=64, eval_count=8, long_prompts="truncate")
   c.base.model.update(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
@@ -60,7 +72,7 @@ def _test(c: ConfigDict) -> None:
   c.optimizer.update(lr=1e-3, warmup_steps=2)
 
 
-PRESETS = {"hh_rlhf": _hh_rlhf, "test": _test}
+PRESETS = {"hh_rlhf": _hh_rlhf, "hh_rlhf_smollm2": _hh_rlhf_smollm2, "test": _test}
 
 
 def get_config(preset: str = "hh_rlhf") -> ConfigDict:
