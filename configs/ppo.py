@@ -68,7 +68,9 @@ def _hh_rlhf_smollm2(c: ConfigDict) -> None:
   c.sampling.max_new_tokens = 32
   c.ppo.update(epochs=2, minibatches=2)
   c.optimizer.lr = 1e-4
-  c.train.update(steps=16, global_batch=8, eval_every=8, checkpoint_every=8)
+  # Sized for 2 CPU cores: a step (8 rollouts of 32 tokens, 2 epochs x 2 minibatches) took
+  # 105-145 s with the cores shared by other jobs (load 5-7).
+  c.train.update(steps=12, global_batch=8, eval_every=6, checkpoint_every=6)
 
 
 def _wordlist(c: ConfigDict) -> None:

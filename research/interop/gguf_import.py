@@ -115,7 +115,7 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
       "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
       "rope_theta": float(get("rope.freq_base", 10000.0)),
       "max_position_embeddings": int(get("context_length")),
-      "vocab_size": int(meta.get(f"{arch}.vocab_size") or get_vocab_count(meta, where)),
+      "vocab_size": int(meta.get(f"{arch}.vocab_size") or _vocab_count(meta, where)),
       # llama.cpp writes output.weight only when it is not the embedding.
       "tie_word_embeddings": "output.weight" not in tensor_names,
       "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
@@ -132,7 +132,7 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
   return d
 
 
-def get_vocab_count(meta: Mapping[str, Any], where: str) -> int:
+def _vocab_count(meta: Mapping[str, Any], where: str) -> int:
   if "tokenizer.ggml.tokens.count" not in meta:
     raise ConfigError(f"{where} states no vocab_size and holds no tokenizer.ggml.tokens")
   return int(meta["tokenizer.ggml.tokens.count"])
