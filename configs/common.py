@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from ml_collections import ConfigDict
 from ml_collections.config_dict import placeholder
@@ -10,6 +11,12 @@ from ml_collections.config_dict import placeholder
 from research.models.config import RUNTIME_FIELDS, ModelConfig
 
 _FROM_TOKENIZER = ("bos_token_id", "eos_token_id", "pad_token_id")
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repo_data(name: str) -> str:
+  """Absolute path of `data/<name>` in this repository: presets run from any working directory."""
+  return os.path.join(_REPO_ROOT, "data", name)
 
 
 def model_config(**overrides) -> ConfigDict:

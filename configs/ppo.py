@@ -1,10 +1,13 @@
 """PPO configs: `--config=configs/ppo.py:<preset>`.
 
 Presets:
-  hh_rlhf   PPO against a reward model trained on ../shared/data/hh_rlhf_harmless_test_500.jsonl,
+  hh_rlhf   PPO against a reward model trained on data/hh_rlhf_harmless_test_500.jsonl,
             prompts from the same file (held-out prompts for eval). With no `reward.model` it
             trains the reward model first (configs/reward.py:hh_rlhf), and with no `init` the
             policy starts from that reward model's base LM.
+  hh_rlhf_smollm2  the same on SmolLM2-135M-Instruct (fetched on first use): a LoRA policy from
+            the instruct model (or an SFT run: --config.init=DIR), the reward model of
+            configs/reward.py:hh_rlhf_smollm2 (trained first unless --config.reward.model=DIR).
   wordlist  the sanity task: reward = fraction of response tokens from a word list, on a small
             code model pretrained here on the Python standard library.
   test      seconds-long wordlist run for tests.
@@ -50,11 +53,26 @@ def base_config() -> ConfigDict:
 
 
 def _hh_rlhf(c: ConfigDict) -> None:
-  c.data.update(path="../shared/data/hh_rlhf_harmless_test_500.jsonl", max_prompt_len=96,
+  c.data.update(path=common.repo_data("hh_rlhf_harmless_test_500.jsonl"), max_prompt_len=96,
                 eval_count=64)  # 64 held-out prompts: with 16 the mean score's noise hid the trend
   c.sampling.max_new_tokens = 32
   c.optimizer.lr = 5e-5
   c.train.update(steps=100, eval_every=20)
+
+
+def _hh_rlhf_smollm2(c: ConfigDict) -> None:
+  _hh_rlhf(c)
+  c.init = "fetch:smollm2-135m-instruct"
+  c.reward_training = reward.get_config("hh_rlhf_smollm2")
+  c.peft.update(method="lora", r=8, alpha=16.0, dropout=0.0,
+                targets=("q", "k", "v", "o", "gate", "up", "down"))
+  c.data.update(max_prompt_len=96, eval_count=32)
+  c.sampling.max_new_tokens = 32
+  c.ppo.update(epochs=2, minibatches=2)
+  c.optimizer.lr = 1e-4
+  # Sized for 2 CPU cores: a step (8 rollouts of 32 tokens, 2 epochs x 2 minibatches) took
+  # 105-145 s with the cores shared by other jobs (load 5-7).
+  c.train.update(steps=12, global_batch=8, eval_every=6, checkpoint_every=6)
 
 
 def _wordlist(c: ConfigDict) -> None:
@@ -81,7 +99,8 @@ def _test(c: ConfigDict) -> None:
   c.train.update(steps=20, global_batch=8, eval_every=10, log_every=5, checkpoint_every=10)
 
 
-PRESETS = {"hh_rlhf": _hh_rlhf, "wordlist": _wordlist, "test": _test}
+PRESETS = {"hh_rlhf": _hh_rlhf, "hh_rlhf_smollm2": _hh_rlhf_smollm2, "wordlist": _wordlist,
+           "test": _test}
 
 
 def get_config(preset: str = "wordlist") -> ConfigDict:

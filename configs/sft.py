@@ -1,10 +1,12 @@
 """Supervised fine-tuning configs: `--config=configs/sft.py:<preset>`.
 
 Presets:
-  huanhuan_lora  LoRA SFT on ../shared/data/huanhuan.json (r=8, alpha=32, dropout 0.1, all seven
+  huanhuan_lora  LoRA SFT on data/huanhuan.json (r=8, alpha=32, dropout 0.1, all seven
                  projections, as the self-llm Llama-3 tutorial); with no `init` it first pretrains
                  a small base (tokenizer included) on the training records' text.
   huanhuan_full  the same data, full fine-tuning.
+  huanhuan_lora_smollm2  the same LoRA on SmolLM2-135M-Instruct (fetched on first use, see
+                 scripts/fetch_model.py), prompts in its own ChatML template; CPU-sized.
   test           seconds-long LoRA run for tests (needs data.path).
 """
 
@@ -57,9 +59,20 @@ def base_config() -> ConfigDict:
 
 
 def _huanhuan_lora(c: ConfigDict) -> None:
-  c.data.path = "../shared/data/huanhuan.json"
+  c.data.path = common.repo_data("huanhuan.json")
   c.peft.update(method="lora", r=8, alpha=32.0, dropout=0.1,
                 targets=("q", "k", "v", "o", "gate", "up", "down"))
+
+
+def _huanhuan_lora_smollm2(c: ConfigDict) -> None:
+  _huanhuan_lora(c)
+  c.init = "fetch:smollm2-135m-instruct"
+  c.data.update(seq_len=256, eval_fraction=0.02)
+  c.optimizer.update(lr=2e-4, warmup_steps=10)
+  # Sized for 2 CPU cores: 60 steps of 8 rows x 256 tokens (480 of the 3,643 examples); a step
+  # took 39-54 s with the cores shared by other jobs (load 5-7).
+  c.train.update(steps=60, global_batch=8, eval_every=30, max_eval_batches=2,
+                 checkpoint_every=30, sample_tokens=32)
 
 
 def _huanhuan_full(c: ConfigDict) -> None:
@@ -80,7 +93,8 @@ def _test(c: ConfigDict) -> None:
   c.optimizer.update(lr=3e-3, warmup_steps=2)
 
 
-PRESETS = {"huanhuan_lora": _huanhuan_lora, "huanhuan_full": _huanhuan_full, "test": _test}
+PRESETS = {"huanhuan_lora": _huanhuan_lora, "huanhuan_full": _huanhuan_full,
+           "huanhuan_lora_smollm2": _huanhuan_lora_smollm2, "test": _test}
 
 
 def get_config(preset: str = "huanhuan_lora") -> ConfigDict:

@@ -5,10 +5,13 @@
   python -m scripts.convert to-peft WORKDIR OUT_DIR [--base-dir BASE_OUT] [--step N] [--overwrite]
                                     [--dtype bfloat16] [--architecture llama|qwen2|mistral]
   python -m scripts.convert from-hf HF_DIR WORKDIR
+  python -m scripts.convert from-gguf FILE.gguf OUT [--to workdir|hf] [--overwrite]
 
 to-hf writes a LoRA run with its adapters merged into the weights; to-peft writes them as a PEFT
 adapter dir beside the frozen base (in OUT_DIR/base, or --base-dir: exported there when missing,
-referenced when it already holds this run's base).
+referenced when it already holds this run's base). from-gguf dequantises a llama.cpp file (Llama,
+Qwen2, Mistral) to float32 and writes a run directory or a Hugging Face dir, tokenizer and chat
+template included.
 """
 
 from __future__ import annotations
@@ -84,6 +87,29 @@ def from_hf(args: argparse.Namespace) -> None:
         f"{args.hf_dir}")
 
 
+def from_gguf(args: argparse.Namespace) -> None:
+  from research.interop.gguf_import import (gguf_model_config, gguf_to_hf_dir, gguf_tokenizer,
+                                            load_gguf_checkpoint)
+  from research.parallel.mesh import make_mesh
+  from research.train.workdir import param_shardings, write_initial_checkpoint
+
+  cfg = gguf_model_config(args.gguf_file)
+  if args.to == "hf":
+    gguf_to_hf_dir(args.gguf_file, args.out, overwrite=args.overwrite)
+  else:
+    if args.overwrite:
+      raise UserError("--overwrite applies to --to=hf; a run directory is never overwritten")
+    # FSDP over every device, so that a model larger than one device's memory still loads.
+    _, shardings = param_shardings(cfg, make_mesh({"fsdp": -1}))
+    tokenizer = gguf_tokenizer(args.gguf_file)
+    cfg, params = load_gguf_checkpoint(args.gguf_file, shardings=shardings)
+    write_initial_checkpoint(args.out, cfg, params, tokenizer=tokenizer,
+                             extra={"gguf_source": os.path.abspath(args.gguf_file)})
+  kind = "Hugging Face dir" if args.to == "hf" else "step 0"
+  print(f"wrote {args.out} ({kind}, {cfg.hf_architecture}, {cfg.num_params():,} params, float32) "
+        f"from {args.gguf_file}")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="scripts.convert", description=__doc__.splitlines()[0])
   sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("hf_dir")
   p.add_argument("workdir")
   p.set_defaults(func=from_hf)
+  p = sub.add_parser("from-gguf", help="llama.cpp GGUF file -> run directory or Hugging Face dir")
+  p.add_argument("gguf_file")
+  p.add_argument("out")
+  p.add_argument("--to", default="workdir", choices=("workdir", "hf"),
+                 help="a run directory (step-0 checkpoint) or a Hugging Face dir")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing Hugging Face dir")
+  p.set_defaults(func=from_gguf)
   return parser
 
 

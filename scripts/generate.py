@@ -3,7 +3,7 @@
   python scripts/generate.py --checkpoint=WORKDIR_OR_HF_DIR --prompt="def " [--prompt=...]
       [--prompts_file=F.txt|F.jsonl] [--max_new_tokens=64] [--temperature=0] [--top_p=1]
       [--top_k=0] [--seed=0] [--step=N] [--stop=STR_OR_ID ...] [--tokenizer=DIR]
-      [--batch_size=8] [--format=text|jsonl] [--no-add_special_tokens]
+      [--batch_size=8] [--format=text|jsonl] [--no-add_special_tokens] [--chat [--system=TEXT]]
 
 --temperature=0 decodes greedily. EOS (the model's and the tokenizer's; a Hugging Face dir's
 generation_config.json ids too) always stops a row; --stop adds token ids (an integer) or strings
@@ -11,7 +11,10 @@ generation_config.json ids too) always stops a row; --stop adds token ids (an in
 with LoRA have it merged; prompt tuning and adapters decode with their PEFT modules. A prompts file
 holds one prompt per line, or is a .jsonl with a "prompt" field per line (prompts with newlines).
 Prints per prompt a `==> [i] 'prompt' <==` line, the continuation and a blank line; --format=jsonl
-prints a JSON object per prompt (prompt, text, tokens, stop_reason) instead.
+prints a JSON object per prompt (prompt, text, tokens, stop_reason) instead. --chat sends each
+prompt as a user turn (after a --system turn) through the tokenizer's chat template, or the plain
+template SFT uses when it has none, and asks for the assistant's reply. --checkpoint=fetch:NAME
+is a model of research/interop/model_zoo.py, fetched into the cache on first use.
 """
 
 from __future__ import annotations
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
   add("format", default="text", choices=("text", "jsonl"))
   add("add_special_tokens", action=argparse.BooleanOptionalAction, default=True,
       help="let the tokenizer add its special tokens (e.g. BOS) to each prompt")
+  add("chat", action="store_true",
+      help="each prompt is a user turn, rendered by the tokenizer's chat template")
+  add("system", default=None, help="with --chat: a system turn before each prompt")
   return parser
 
 
@@ -281,22 +287,40 @@ def check_args(args: argparse.Namespace) -> None:
     raise ConfigError(f"--top_k={args.top_k} must be >= 0 (0 = off)")
   if args.batch_size < 1:
     raise ConfigError(f"--batch_size={args.batch_size} must be at least 1")
+  if args.system is not None and not args.chat:
+    raise ConfigError("--system sets the system turn of a chat: add --chat")
   if args.temperature == 0 and (args.top_k or args.top_p < 1.0):
     print("warning: --top_k/--top_p have no effect with --temperature=0 (greedy)", file=sys.stderr)
 
 
+def chat_prompts(prompts: Sequence[str], tokenizer, system: str | None) -> list[str]:
+  """Each prompt as the user turn of a chat (after the system turn), ready for the reply."""
+  from research.data.chat_template import chat_prompt
+
+  head = [{"role": "system", "content": system}] if system is not None else []
+  return [chat_prompt(head + [{"role": "user", "content": p}], tokenizer, f"--chat prompt {i}")
+          for i, p in enumerate(prompts, 1)]
+
+
 def run(args: argparse.Namespace) -> list[Completion]:
+  from research.interop.model_zoo import resolve_init
+
   check_args(args)
   prompts = read_prompts(args.prompt, args.prompts_file)
-  cfg, peft, params, tokenizer, eos = load_checkpoint(args.checkpoint, args.step, args.tokenizer)
+  checkpoint = resolve_init(args.checkpoint)
+  cfg, peft, params, tokenizer, eos = load_checkpoint(checkpoint, args.step, args.tokenizer)
+  texts = chat_prompts(prompts, tokenizer, args.system) if args.chat else prompts
   if args.top_k > cfg.vocab_size:
     raise ConfigError(f"--top_k={args.top_k} exceeds the vocabulary ({cfg.vocab_size})")
   stop_ids, stop_strings = parse_stops(args.stop, cfg.vocab_size)
   start = time.perf_counter()
-  completions = complete(params, cfg, peft, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+  # A rendered chat already holds the special tokens its template writes (BOS included).
+  completions = complete(params, cfg, peft, tokenizer, texts, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed, stop_ids=stop_ids | eos, stop_strings=stop_strings,
-                         batch_size=args.batch_size, add_special_tokens=args.add_special_tokens)
+                         batch_size=args.batch_size,
+                         add_special_tokens=args.add_special_tokens and not args.chat)
+  completions = [dataclasses.replace(c, prompt=p) for c, p in zip(completions, prompts)]
   seconds = time.perf_counter() - start
   tokens = sum(len(c.tokens) for c in completions)
   print(f"{len(completions)} prompts, {tokens} new tokens in {seconds:.1f} s (compile included)",

@@ -125,3 +125,18 @@ def _render(tokenizer: transformers.PreTrainedTokenizerBase, messages: Sequence[
 
 def _tail(text: str, width: int = 60) -> str:
   return repr(text if len(text) <= width else "..." + text[-width:])
+
+
+def chat_prompt(messages: Sequence[Message], tokenizer: transformers.PreTrainedTokenizerBase,
+                where: str = "conversation") -> str:
+  """The text that asks for the next assistant turn after `messages`, rendered as SFT renders a
+  prompt: the tokenizer's template with its generation prompt, else the plain template's headers."""
+  if has_chat_template(tokenizer):
+    return _render(tokenizer, messages, True, where)
+  text = ""
+  for i, message in enumerate(messages):
+    if message["role"] not in PLAIN_HEADERS:
+      raise DataError(f"{where}: field messages[{i}].role is {message['role']!r}, which the plain "
+                      f"template does not know; use one of {', '.join(KNOWN_ROLES)}")
+    text += PLAIN_HEADERS[message["role"]] + message["content"] + "\n"
+  return text + PLAIN_HEADERS["assistant"]

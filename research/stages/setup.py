@@ -100,7 +100,8 @@ def with_runtime_fields(cfg: ModelConfig, section: ConfigDict | None,
 
 def load_init_weights(init: str, mesh: Mesh, rules: Rules, runtime: ConfigDict | None = None
                       ) -> tuple[ModelConfig, Any, str | None]:
-  """(model config, params on `mesh`, tokenizer dir) from a workdir or a Hugging Face directory.
+  """(model config, params on `mesh`, tokenizer dir) from a workdir or a Hugging Face directory;
+  `fetch:NAME` is the cached HF dir of a model that research.interop.model_zoo fetches.
 
   `runtime`, the config's `model` section if it has one, overrides RUNTIME_FIELDS; the params are
   cast to its `param_dtype`."""
@@ -113,6 +114,8 @@ def load_init_weights(init: str, mesh: Mesh, rules: Rules, runtime: ConfigDict |
 
 
 def _load_init(init: str, mesh: Mesh, rules: Rules) -> tuple[ModelConfig, Any, str | None]:
+  from research.interop.model_zoo import resolve_init  # pylint: disable=import-outside-toplevel
+  init = resolve_init(init)
   if not os.path.isdir(init):
     raise ConfigError(f"init={init!r} is not a directory: give a workdir of this project or a "
                       "Hugging Face model directory")
