@@ -38,6 +38,7 @@ def run_main(stage_run: Callable, config) -> int:
   """Initialises jax.distributed when asked, runs the stage, prints user errors without traceback."""
   from research.errors import UserError  # pylint: disable=import-outside-toplevel
   from research.parallel.distributed import maybe_initialize  # pylint: disable=import-outside-toplevel
+  from research.train.preemption import Preempted  # pylint: disable=import-outside-toplevel
   if not FLAGS.workdir:
     print("error: --workdir is required (the run directory to write into)", file=sys.stderr)
     return 2
@@ -48,6 +49,10 @@ def run_main(stage_run: Callable, config) -> int:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Preempted as e:  # a checkpoint is saved: the run can go on, so this is no failure
+    logging.flush()
+    print(str(e), file=sys.stderr, flush=True)
+    return 0
   return 0
 
 

@@ -97,6 +97,21 @@ def _tensor_sources(params: Params, cfg: ModelConfig, specs: list[TensorSpec], n
   return sources
 
 
+def _finite_only(source: _Source) -> _Source:
+  """`source` whose tensor is refused when it holds NaN or inf (a diverged run, or a value past
+  the export dtype's range)."""
+  def produce() -> np.ndarray:
+    x = source.produce()
+    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    if bad:
+      raise CheckpointError(
+          f"tensor {source.name} holds {bad:,} non-finite values (NaN/inf) of {x.size:,} in "
+          f"{x.dtype}: the weights diverged or overflow the export dtype; export an earlier "
+          "checkpoint (--step), or pass --allow-non-finite to write them anyway")
+    return x
+  return source._replace(produce=produce)
+
+
 def _plan_shards(sources: list[_Source], max_shard_bytes: int) -> list[list[_Source]]:
   shards: list[list[_Source]] = [[]]
   size = 0
@@ -224,13 +239,15 @@ def _as_sequence_classifier(hf_config: dict, cfg: ModelConfig) -> None:
 def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
               architecture: str | None = None, dtype: str = "float32", tokenizer: Any = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-              generation_config: Mapping[str, Any] | None = None) -> pathlib.Path:
+              generation_config: Mapping[str, Any] | None = None,
+              allow_non_finite: bool = False) -> pathlib.Path:
   """Write an HF checkpoint dir: config.json, safetensors weights, generation_config.json, tokenizer.
 
   `params`: scanned or unrolled (per `layers` / `layers_i` keys), numpy or jax (sharded is fine:
   one layer slice at a time crosses to host). `architecture`: llama | qwen2 | mistral; None takes
   `cfg.hf_architecture`, else llama. `tokenizer`: a transformers tokenizer or a directory holding
-  one. `generation_config`: fields merged over the config's bos/eos/pad ids. Returns `out_dir`.
+  one. `generation_config`: fields merged over the config's bos/eos/pad ids. A tensor holding NaN
+or inf is refused unless `allow_non_finite`. Returns `out_dir`.
   """
   if dtype not in EXPORT_DTYPES:
     raise ConfigError(f"export dtype={dtype!r}; choose one of {EXPORT_DTYPES}")
@@ -258,6 +275,8 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
     sources.append(_Source(
         "score.weight", (1, cfg.hidden_size), cfg.hidden_size * np_dtype.itemsize,
         lambda: np.ascontiguousarray(np.asarray(kernel).T, dtype=np_dtype)))
+  if not allow_non_finite:
+    sources = [_finite_only(source) for source in sources]
 
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -120,7 +120,8 @@ def run_loop(*, config: ConfigDict, workdir: str, state: TrainState, start_step:
                       writer=writer, progress=progress, checkpointer=checkpointer,
                       checkpoint_every=config.train.checkpoint_every,
                       eval_every=config.train.eval_every,
-                      stop_at_step=config.train.get("stop_at_step", 0))
+                      stop_at_step=config.train.get("stop_at_step", 0),
+                      max_bad_steps=config.train.get("max_bad_steps", 0))
   finally:
     writer.close()
 

@@ -157,6 +157,11 @@ class ProgressLogger:
     self._last_time: float | None = None
     self._tokens = 0
 
+  def log(self, line: str) -> None:
+    """Prints `line` (an eval result, say) where progress goes, on the process that logs."""
+    if self.enabled:
+      self._log(line)
+
   def update(self, step: int, metrics: Mapping[str, Any], tokens: int = 0) -> str | None:
     """Call once per step with that step's `tokens`; returns the line when one was logged."""
     now = self._clock()
