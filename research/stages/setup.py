@@ -102,7 +102,8 @@ def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: Tra
                 checkpointer: Checkpointer) -> tuple[TrainState, int, dict]:
   """(state, step, checkpoint extra): resumed, built around given weights, or freshly initialised."""
   if resume and checkpointer.latest_step() is not None:
-    state, extra = checkpointer.restore(None, abstract)
+    step, (state, extra) = checkpointer.restore_newest(lambda s: checkpointer.restore(s, abstract))
+    checkpointer.set_aside_newer(step)  # damaged steps: this run writes its own steps there
     return state, int(jax.device_get(state.step)), extra
   if init_params is not None:
     params, frozen = init_params()
