@@ -206,6 +206,20 @@ def _save_tokenizer(tokenizer: Any, tmp: pathlib.Path, cfg: ModelConfig) -> None
       shutil.copy2(path, tmp / path.name)
 
 
+def export_temp_dir(out_dir: pathlib.Path) -> pathlib.Path:
+  """A new hidden directory beside `out_dir` to build the export in, after removing the ones an
+  interrupted export to the same `out_dir` left (`.NAME.tmp-*`, `.NAME.old-*`): they can hold a
+  whole model, and no export to one `out_dir` runs beside another."""
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+    for stale in out_dir.parent.glob(pattern):
+      if stale.is_dir():
+        shutil.rmtree(stale, ignore_errors=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become out_dir's mode
+  return tmp
+
+
 def _install(tmp: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:
   """Move the finished export into place; an old out_dir goes only after the new one is there."""
   if not out_dir.exists():
@@ -278,9 +292,7 @@ or inf is refused unless `allow_non_finite`. Returns `out_dir`.
   if not allow_non_finite:
     sources = [_finite_only(source) for source in sources]
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become out_dir's mode
+  tmp = export_temp_dir(out_dir)
   try:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -114,7 +114,7 @@ def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: Tra
 def run_loop(*, config: ConfigDict, workdir: str, state: TrainState, start_step: int,
              hooks: LoopHooks, checkpointer: Checkpointer) -> TrainState:
   is_main = jax.process_index() == 0
-  writer = MetricsWriter(workdir, enabled=is_main)
+  writer = MetricsWriter(workdir, enabled=is_main, start_step=start_step)
   progress = ProgressLogger(config.train.steps, every=config.train.log_every, enabled=is_main)
   try:
     return train_loop(state, hooks, start_step=start_step, total_steps=config.train.steps,

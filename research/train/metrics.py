@@ -20,11 +20,13 @@ class MetricsWriter:
   """Appends scalar metrics to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`.
 
   Build it with `enabled=False` on every process but 0 so only one copy is written. The JSON file is
-  opened in append mode: a resumed run continues it, so steps after the resumed checkpoint may
-  appear twice (the later line is the one the resumed run produced).
+  continued; with `start_step` (the step a run resumes from, 0 for a fresh one) the lines of later
+  steps, written by a run killed after its checkpoint, are dropped first, so each step appears
+  once. A torn last line (a kill mid-write) is always dropped.
   """
 
-  def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+               start_step: int | None = None) -> None:
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
     self._file = None
@@ -32,6 +34,7 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(self.workdir, exist_ok=True)
+    truncate_metrics(self.workdir, start_step)
     self._file = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
     # Imported lazily: non-zero processes never pay for it, and it pulls in protobuf.
     from tensorboardX import SummaryWriter
@@ -113,6 +116,32 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
   return records
+
+
+def truncate_metrics(workdir: str | os.PathLike, after_step: int | None = None) -> None:
+  """Rewrites `<workdir>/metrics.jsonl` without a torn last line and, given `after_step`, without
+  the lines of steps after it; atomically, and only when something is dropped."""
+  path = os.path.join(os.fspath(workdir), METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  lines = text.split("\n")
+  kept = []
+  for line in lines[:-1]:  # lines[-1] is "" or a torn line
+    try:
+      step = json.loads(line)["step"] if line.strip() else None
+    except (json.JSONDecodeError, TypeError, KeyError):
+      step = None  # unreadable: read_metrics will name it; dropping it here would hide it
+    if after_step is None or step is None or step <= after_step:
+      kept.append(line + "\n")
+  new_text = "".join(kept)
+  if new_text == text:
+    return
+  fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=os.fspath(workdir))
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    f.write(new_text)
+  os.replace(tmp, path)
 
 
 def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
