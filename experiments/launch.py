@@ -10,7 +10,27 @@ from absl import flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, samples.")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+
+
+class _ResumeParser(flags.ArgumentParser):
+  """--resume (true), --noresume, --resume=auto: a boolean flag that also takes "auto"."""
+
+  def parse(self, argument):
+    if isinstance(argument, bool):
+      return argument
+    value = str(argument).lower()
+    if value in ("auto", "true", "false", "1", "0"):
+      return {"true": True, "1": True, "false": False, "0": False}.get(value, "auto")
+    raise ValueError(f"--resume={argument}: give true, false or auto")
+
+  def flag_type(self):
+    return "bool or auto"
+
+
+flags.DEFINE_flag(flags.Flag(
+    _ResumeParser(), flags.ArgumentSerializer(), "resume", False,
+    "Continue the run in --workdir from its newest checkpoint (an error when it has none); "
+    "--resume=auto continues it when there is one and starts fresh otherwise.", boolean=True))
 flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host run.")

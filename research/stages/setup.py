@@ -12,15 +12,20 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from research.errors import ConfigError, UserError
+from research.stages.config_ranges import check_config_ranges
 from research.models.config import ModelConfig
 from research.parallel.mesh import make_mesh
 from research.parallel.distributed import check_global_batch
 from research.parallel.rules import DEFAULT_RULES, Rules, batch_shard_count
 from research.train import workdir as wd
 from research.train.checkpoints import Checkpointer
-from research.train.metrics import MetricsWriter, ProgressLogger, save_config
+from research.train.metrics import METRICS_FILE, MetricsWriter, ProgressLogger, save_config
 from research.train.state import TrainState, init_state, state_from_params
 from research.train.loop import LoopHooks, train_loop
+
+# True: continue the workdir's run (an error when it has none); "auto": continue it when there is
+# one, else start fresh; False: start fresh (an error when the workdir holds a run).
+Resume = bool | str
 
 
 def rules_from(config: ConfigDict) -> Rules:
@@ -34,9 +39,10 @@ def rules_from(config: ConfigDict) -> Rules:
   return tuple(table.items())
 
 
-def prepare_run(config: ConfigDict, workdir: str, resume: bool) -> tuple[Mesh, Rules]:
-  """What every stage checks first: the workdir (never clobbered), the mesh and its rules, and a
-  global batch that splits over micro-batches, batch shards and processes."""
+def prepare_run(config: ConfigDict, workdir: str, resume: Resume) -> tuple[Mesh, Rules]:
+  """What every stage checks first: the config's ranges, the workdir (never clobbered), the mesh
+  and its rules, and a global batch that splits over micro-batches, batch shards and processes."""
+  check_config_ranges(config)
   os.makedirs(workdir, exist_ok=True)
   check_workdir(workdir, resume)
   mesh, rules = mesh_from(config), rules_from(config)
@@ -67,13 +73,25 @@ def model_config_from(section: ConfigDict, vocab_size: int | None = None,
   return ModelConfig.from_dict(fields)
 
 
-def check_workdir(workdir: str, resume: bool) -> None:
-  """Refuses to train over an existing run unless resuming: nothing written is ever clobbered."""
+def check_workdir(workdir: str, resume: Resume) -> None:
+  """Refuses to train over an existing run unless resuming (nothing written is ever clobbered),
+  and `resume=True` where there is nothing to resume; `resume="auto"` resumes or starts fresh."""
   ckpt_dir = wd.checkpoint_dir(workdir)
-  if not resume and os.path.isdir(ckpt_dir) and any(
-      name.isdigit() for name in os.listdir(ckpt_dir)):
+  has_steps = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+  metrics = os.path.join(workdir, METRICS_FILE)
+  leftovers = os.path.isfile(metrics) and os.path.getsize(metrics) > 0
+  if not resume and has_steps:
     raise UserError(f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
                     "choose a new --workdir")
+  if not resume and leftovers:
+    raise UserError(f"{workdir} holds {METRICS_FILE} of an earlier run that saved no checkpoint: "
+                    "pass --resume=auto to start over there (its metrics are replaced), or choose "
+                    "a new --workdir")
+  if resume is True and not has_steps:
+    raise UserError(f"--resume: {workdir} holds no checkpoint to resume from; drop --resume to "
+                    "start a new run there, or pass --resume=auto to resume when there is one")
+  if resume == "auto" and not has_steps and jax.process_index() == 0:
+    print(f"no checkpoint in {workdir}: starting fresh (--resume=auto)", flush=True)
 
 
 def load_init_weights(init: str, mesh: Mesh, rules: Rules) -> tuple[ModelConfig, Any, str | None]:
@@ -114,7 +132,8 @@ def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: Tra
 def run_loop(*, config: ConfigDict, workdir: str, state: TrainState, start_step: int,
              hooks: LoopHooks, checkpointer: Checkpointer) -> TrainState:
   is_main = jax.process_index() == 0
-  writer = MetricsWriter(workdir, enabled=is_main, start_step=start_step)
+  # A run from step 0 evaluates step 0 again: the old file's lines all go.
+  writer = MetricsWriter(workdir, enabled=is_main, start_step=start_step or -1)
   progress = ProgressLogger(config.train.steps, every=config.train.log_every, enabled=is_main)
   try:
     return train_loop(state, hooks, start_step=start_step, total_steps=config.train.steps,
