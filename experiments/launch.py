@@ -64,7 +64,7 @@ def run_main(stage_run: Callable, config) -> int:
     return 2
   try:
     maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    stage_run(config, os.path.abspath(FLAGS.workdir), resume=FLAGS.resume)
+    out = stage_run(config, os.path.abspath(FLAGS.workdir), resume=FLAGS.resume)
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
@@ -73,7 +73,27 @@ def run_main(stage_run: Callable, config) -> int:
     logging.flush()
     print(str(e), file=sys.stderr, flush=True)
     return 0
+  if FLAGS.process_id == 0:
+    print(format_samples(out), end="", flush=True)
   return 0
+
+
+def format_samples(out) -> str:
+  """The greedy samples a stage returns (`samples`, beside `sample_prompts` when they hold the
+  continuations only), one block each; "" when it returns none."""
+  samples = list(out.get("samples") or []) if isinstance(out, dict) else []
+  if not samples:
+    return ""
+  prompts = out.get("sample_prompts")
+  texts = [p + s for p, s in zip(prompts, samples)] if prompts else samples
+  blocks = [f"--- sample {i} ---\n{text}\n" for i, text in enumerate(texts, 1)]
+  return "greedy samples of the final weights (also in samples.txt):\n" + "".join(blocks)
+
+
+def quiet_libraries() -> None:
+  """Library INFO logs (orbax writes dozens per checkpoint) off unless --verbosity was given."""
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def main(stage: str, default_config: str) -> None:
@@ -89,6 +109,7 @@ def main(stage: str, default_config: str) -> None:
 
   def run(argv):
     del argv
+    quiet_libraries()
     stage_module = importlib.import_module(f"research.stages.{stage}")
     sys.exit(run_main(stage_module.run, config.value))
 

@@ -122,6 +122,8 @@ def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: Tra
   if resume and checkpointer.latest_step() is not None:
     step, (state, extra) = checkpointer.restore_newest(lambda s: checkpointer.restore(s, abstract))
     checkpointer.set_aside_newer(step)  # damaged steps: this run writes its own steps there
+    if jax.process_index() == 0:
+      print(f"resuming from step {step} of {checkpointer.directory}", flush=True)
     return state, int(jax.device_get(state.step)), extra
   if init_params is not None:
     params, frozen = init_params()

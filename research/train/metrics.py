@@ -144,9 +144,20 @@ def truncate_metrics(workdir: str | os.PathLike, after_step: int | None = None) 
   os.replace(tmp, path)
 
 
+def format_duration(seconds: float) -> str:
+  """`45s`, `12m05s`, `3h07m`."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
-                    tokens_per_sec: float | None) -> str:
-  """`step 120/200  loss 3.214  ppl 24.9  tok/s 12,345  lr 3.0e-04`, omitting absent fields."""
+                    tokens_per_sec: float | None, remaining_s: float | None = None) -> str:
+  """`step 120/200  loss 3.214  ppl 24.9  tok/s 12,345  lr 3.0e-04  eta 1m40s`, omitting absent
+  fields."""
   parts = [f"step {step}/{total_steps}"]
   if "loss" in metrics:
     loss = float(metrics["loss"])
@@ -160,6 +171,8 @@ def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
     parts.append(f"tok/s {tokens_per_sec:,.0f}")
   if "lr" in metrics:
     parts.append(f"lr {float(metrics['lr']):.1e}")
+  if remaining_s is not None and step < total_steps:
+    parts.append(f"eta {format_duration(remaining_s)}")
   return "  ".join(parts)
 
 
@@ -184,6 +197,7 @@ class ProgressLogger:
     self._log = log_fn or (lambda line: print(line, flush=True))
     self._clock = clock
     self._last_time: float | None = None
+    self._last_step = 0
     self._tokens = 0
 
   def log(self, line: str) -> None:
@@ -196,14 +210,19 @@ class ProgressLogger:
     now = self._clock()
     if self._last_time is None:
       self._last_time = now
+      self._last_step = step
     else:
       self._tokens += tokens
     if not self.enabled or (step % self.every != 0 and step != self.total_steps):
       return None
     elapsed = now - self._last_time
     rate = self._tokens / elapsed if elapsed > 0 and self._tokens else None
-    line = format_progress(step, self.total_steps, metrics, rate)
+    steps = step - self._last_step
+    # Remaining steps at the pace since the last line (evals and checkpoints included).
+    remaining = elapsed / steps * (self.total_steps - step) if steps > 0 and elapsed > 0 else None
+    line = format_progress(step, self.total_steps, metrics, rate, remaining)
     self._log(line)
     self._last_time = now
+    self._last_step = step
     self._tokens = 0
     return line
