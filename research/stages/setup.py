@@ -3,6 +3,7 @@ starting weights (random, a workdir or a Hugging Face directory), resume checks,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from research.parallel.distributed import check_global_batch
 from research.parallel.rules import DEFAULT_RULES, Rules, batch_shard_count
 from research.train import workdir as wd
 from research.train.checkpoints import Checkpointer
+from research.train.curves import plot_curves
 from research.train.metrics import METRICS_FILE, MetricsWriter, ProgressLogger, save_config
 from research.train.state import TrainState, init_state, state_from_params
 from research.train.loop import LoopHooks, train_loop
@@ -134,6 +136,8 @@ def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: Tra
 def run_loop(*, config: ConfigDict, workdir: str, state: TrainState, start_step: int,
              hooks: LoopHooks, checkpointer: Checkpointer) -> TrainState:
   is_main = jax.process_index() == 0
+  if is_main and hooks.after_eval is None:  # every stage's curves, redrawn at each eval
+    hooks = dataclasses.replace(hooks, after_eval=lambda step: plot_curves(workdir))
   # A run from step 0 evaluates step 0 again: the old file's lines all go.
   writer = MetricsWriter(workdir, enabled=is_main, start_step=start_step or -1)
   progress = ProgressLogger(config.train.steps, every=config.train.log_every, enabled=is_main)
