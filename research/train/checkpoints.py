@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -48,9 +49,22 @@ def _first_line(error: BaseException) -> str:
       error.__cause__ or error.__context__) not in seen:
     error = error.__cause__ or error.__context__
     seen.add(id(error))
-  text = str(error).strip().splitlines()
+  text = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
   line = text[0] if text else type(error).__name__
   return line if len(line) <= 200 else line[:197] + "..."
+
+
+# Tensorstore's status codes for files it cannot read; a tree or shape mismatch is none of these.
+_DAMAGE = re.compile(r"^(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INTERNAL|UNKNOWN): "
+                     r"|Error (reading|decoding) ")
+
+
+def _is_damage(error: BaseException) -> bool:
+  while error is not None:
+    if _DAMAGE.search(str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _warn(message: str) -> None:
@@ -228,7 +242,9 @@ class Checkpointer:
       return read()
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
       raise self._unrestorable(step, e) from e
-    except (ValueError, KeyError):
+    except (ValueError, KeyError) as e:
+      if _is_damage(e):
+        raise self._unrestorable(step, e) from e
       raise
     except Exception as e:  # pylint: disable=broad-except
       raise self._unrestorable(step, e) from e
