@@ -19,6 +19,7 @@ one to see steps written by another job.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -65,6 +66,34 @@ def _is_damage(error: BaseException) -> bool:
       return True
     error = error.__cause__ or error.__context__
   return False
+
+
+class _OrphanReadErrors(logging.Filter):
+  """Orbax reads arrays as asyncio futures and leaves the others of a failed read unretrieved:
+  each would log its whole TensorStore spec again when collected, after the one line we print."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Future exception was never retrieved")
+
+
+_ORPHAN_MESSAGES = ("Encountered error while reading", "Event loop is closed")
+
+
+def _drop_orphan_read_errors() -> None:
+  """Silences what a failed orbax read leaves behind: unretrieved futures (logged by asyncio)
+  and abandoned coroutines (reported through sys.unraisablehook), each a multi-line dump."""
+  logger = logging.getLogger("asyncio")
+  if any(isinstance(f, _OrphanReadErrors) for f in logger.filters):
+    return
+  logger.addFilter(_OrphanReadErrors())
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    text = str(unraisable.exc_value)
+    if not any(message in text for message in _ORPHAN_MESSAGES):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def _warn(message: str) -> None:
@@ -250,6 +279,7 @@ class Checkpointer:
       raise self._unrestorable(step, e) from e
 
   def _unrestorable(self, step: int, error: BaseException) -> UnrestorableCheckpoint:
+    _drop_orphan_read_errors()
     return UnrestorableCheckpoint(
         f"checkpoint step {step} in {self.directory} does not restore, its files are damaged "
         f"({_first_line(error)})")
