@@ -61,6 +61,9 @@ def train_config(**overrides) -> ConfigDict:
   c = ConfigDict(dict(
       steps=200, global_batch=8, micro_batches=1, log_every=10, eval_every=50,
       eval_batch_size=8, max_eval_batches=8, checkpoint_every=100, keep_checkpoints=3,
-      async_checkpoints=True, stop_at_step=0, sample_prompts=("",), sample_tokens=48))
+      async_checkpoints=True, stop_at_step=0, sample_prompts=("",), sample_tokens=48,
+      # Steps in a row whose loss or gradient norm is not finite that are skipped (the weights
+      # kept) before the run stops; 0 stops at the first.
+      max_bad_steps=0))
   c.update(overrides)
   return c

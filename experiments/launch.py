@@ -10,7 +10,27 @@ from absl import flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config, samples.")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+
+
+class _ResumeParser(flags.ArgumentParser):
+  """--resume (true), --noresume, --resume=auto: a boolean flag that also takes "auto"."""
+
+  def parse(self, argument):
+    if isinstance(argument, bool):
+      return argument
+    value = str(argument).lower()
+    if value in ("auto", "true", "false", "1", "0"):
+      return {"true": True, "1": True, "false": False, "0": False}.get(value, "auto")
+    raise ValueError(f"--resume={argument}: give true, false or auto")
+
+  def flag_type(self):
+    return "bool or auto"
+
+
+flags.DEFINE_flag(flags.Flag(
+    _ResumeParser(), flags.ArgumentSerializer(), "resume", False,
+    "Continue the run in --workdir from its newest checkpoint (an error when it has none); "
+    "--resume=auto continues it when there is one and starts fresh otherwise.", boolean=True))
 flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", 0, "This process's index in a multi-host run.")
@@ -40,18 +60,43 @@ def run_main(stage_run: Callable, config) -> int:
   """Initialises jax.distributed when asked, runs the stage, prints user errors without traceback."""
   from research.errors import UserError  # pylint: disable=import-outside-toplevel
   from research.parallel.distributed import maybe_initialize  # pylint: disable=import-outside-toplevel
+  from research.train.preemption import Preempted  # pylint: disable=import-outside-toplevel
   if not FLAGS.workdir:
     print("error: --workdir is required (the run directory to write into)", file=sys.stderr)
     return 2
   try:
     maybe_initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      auto=FLAGS.auto_distributed)
-    stage_run(config, os.path.abspath(FLAGS.workdir), resume=FLAGS.resume)
+    out = stage_run(config, os.path.abspath(FLAGS.workdir), resume=FLAGS.resume)
   except UserError as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Preempted as e:  # a checkpoint is saved: the run can go on, so this is no failure
+    logging.flush()
+    print(str(e), file=sys.stderr, flush=True)
+    return 0
+  if FLAGS.process_id == 0:
+    print(format_samples(out), end="", flush=True)
   return 0
+
+
+def format_samples(out) -> str:
+  """The greedy samples a stage returns (`samples`, beside `sample_prompts` when they hold the
+  continuations only), one block each; "" when it returns none."""
+  samples = list(out.get("samples") or []) if isinstance(out, dict) else []
+  if not samples:
+    return ""
+  prompts = out.get("sample_prompts")
+  texts = [p + s for p, s in zip(prompts, samples)] if prompts else samples
+  blocks = [f"--- sample {i} ---\n{text}\n" for i, text in enumerate(texts, 1)]
+  return "greedy samples of the final weights (also in samples.txt):\n" + "".join(blocks)
+
+
+def quiet_libraries() -> None:
+  """Library INFO logs (orbax writes dozens per checkpoint) off unless --verbosity was given."""
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
 
 
 def main(stage: str, default_config: str) -> None:
@@ -67,6 +112,7 @@ def main(stage: str, default_config: str) -> None:
 
   def run(argv):
     del argv
+    quiet_libraries()
     stage_module = importlib.import_module(f"research.stages.{stage}")
     sys.exit(run_main(stage_module.run, config.value))
 

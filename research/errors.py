@@ -19,3 +19,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
   """A checkpoint or export directory is missing, incomplete, or would be overwritten."""
+
+
+class DivergedError(UserError):
+  """Training produced a non-finite loss or gradient: the message names the step and the cause."""

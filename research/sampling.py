@@ -39,6 +39,44 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   return tokens, segments
 
 
+def kv_cache_bytes(cfg: ModelConfig, rows: int, slots: int) -> int:
+  """Bytes of the k and v buffers `generate_tokens` allocates for `rows` rows of `slots` slots."""
+  per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim
+  return rows * slots * per_slot * jnp.dtype(cfg.compute_dtype).itemsize
+
+
+def free_memory_bytes() -> int | None:
+  """What the default device can still hold (host RAM available on CPU); None when unknown."""
+  device = jax.devices()[0]
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  try:
+    import os  # pylint: disable=import-outside-toplevel
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def decode_length_error(cfg: ModelConfig, rows: int, prompt_tokens: int, padded_prompt: int,
+                        max_new_tokens: int, free_bytes: int | None) -> str | None:
+  """Why decoding `max_new_tokens` after a prompt of `prompt_tokens` tokens cannot run, or None:
+  positions past `cfg.max_position_embeddings` (the model never saw them), or a KV cache larger
+  than `free_bytes`."""
+  limit = cfg.max_position_embeddings
+  if prompt_tokens + max_new_tokens > limit:
+    room = max(limit - prompt_tokens, 0)
+    return (f"--max_new_tokens={max_new_tokens} after a prompt of {prompt_tokens} tokens needs "
+            f"{prompt_tokens + max_new_tokens} positions, but the model has "
+            f"max_position_embeddings={limit}: ask for at most {room} new tokens")
+  need = kv_cache_bytes(cfg, rows, padded_prompt + max_new_tokens)
+  if free_bytes is not None and need > 0.8 * free_bytes:
+    return (f"the KV cache for {rows} rows of {padded_prompt + max_new_tokens} tokens needs "
+            f"{need / 2**30:.1f} GiB, and {free_bytes / 2**30:.1f} GiB are free: lower "
+            "--max_new_tokens or --batch_size")
+  return None
+
+
 def filter_logits(logits_bv: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
   """Temperature, then top-k, then top-p (nucleus) masking; masked entries become -inf."""
   logits_bv = logits_bv.astype(jnp.float32) / temperature

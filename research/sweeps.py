@@ -178,10 +178,10 @@ def stage_module(config: ConfigDict) -> str:
 
 def trial_command(python: str, module: str, config_ref: str, trial: Trial, extra: Sequence[str],
                   workdir: str) -> list[str]:
-  """One trial's command. `--resume` makes a rerun continue an interrupted trial's checkpoints
-  (a fresh workdir just starts)."""
+  """One trial's command. `--resume=auto` makes a rerun continue an interrupted trial's
+  checkpoints (a fresh workdir just starts)."""
   return [python, "-m", module, f"--config={config_ref}", *override_args(trial.overrides),
-          *extra, f"--workdir={workdir}", "--resume"]
+          *extra, f"--workdir={workdir}", "--resume=auto"]
 
 
 def write_json(path: str, data: Any) -> None:

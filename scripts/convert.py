@@ -2,6 +2,7 @@
 
   python -m scripts.convert to-hf WORKDIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
                                   [--architecture llama|qwen2|mistral] [--max-shard-bytes B]
+                                  [--allow-non-finite]
   python -m scripts.convert to-peft WORKDIR OUT_DIR [--base-dir BASE_OUT] [--step N] [--overwrite]
                                     [--dtype bfloat16] [--architecture llama|qwen2|mistral]
   python -m scripts.convert from-hf HF_DIR WORKDIR
@@ -33,7 +34,7 @@ def to_hf(args: argparse.Namespace) -> None:
   cfg, params, tokenizer_dir, _ = load_model(args.workdir, step=args.step)
   out = export_hf(params, cfg, args.out_dir, architecture=args.architecture, dtype=args.dtype,
                   tokenizer=tokenizer_dir, max_shard_bytes=args.max_shard_bytes,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, allow_non_finite=args.allow_non_finite)
   with open(os.path.join(out, "config.json")) as f:
     arch = json.load(f)["model_type"]
   step = "latest" if args.step is None else args.step
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="default: the one the model was imported from, else llama")
   p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9)
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+  p.add_argument("--allow-non-finite", action="store_true",
+                 help="write weights holding NaN/inf instead of refusing them")
   p.set_defaults(func=to_hf)
   p = sub.add_parser("to-peft", help="LoRA run -> PEFT adapter dir (+ its exported base)")
   p.add_argument("workdir")

@@ -74,6 +74,10 @@ def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
         out.append(record["prompt"])
       else:
         out.append(line)
+  empty = [i for i, p in enumerate(out, 1) if not p]
+  if empty:
+    raise DataError(f"prompt {empty[0]} is empty: a model continues text, so give at least one "
+                    "character (--prompt=TEXT)")
   if not out:
     where = f" ({prompts_file} holds none)" if prompts_file else ""
     raise DataError(f"no prompts to continue{where}: pass --prompt=TEXT or --prompts_file=FILE")
@@ -302,6 +306,23 @@ def chat_prompts(prompts: Sequence[str], tokenizer, system: str | None) -> list[
           for i, p in enumerate(prompts, 1)]
 
 
+def check_length(cfg, tokenizer, prompts: Sequence[str], args: argparse.Namespace) -> None:
+  """--max_new_tokens within the model's positions and the KV cache within memory, up front."""
+  from research.sampling import decode_length_error, free_memory_bytes
+
+  lengths = [len(tokenizer(p, add_special_tokens=args.add_special_tokens)["input_ids"])
+             for p in prompts]
+  longest = max(lengths)
+  padded = longest + -longest % _PAD_MULTIPLE
+  error = decode_length_error(cfg, min(args.batch_size, len(prompts)), longest, padded,
+                              args.max_new_tokens, free_memory_bytes())
+  if error:
+    raise ConfigError(error)
+  if args.max_new_tokens >= 1024:  # one compiled loop: nothing to show until it ends
+    print(f"decoding up to {args.max_new_tokens} new tokens per prompt in one compiled loop; "
+          "output comes when it ends", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> list[Completion]:
   from research.interop.model_zoo import resolve_init
 
@@ -313,6 +334,7 @@ def run(args: argparse.Namespace) -> list[Completion]:
   if args.top_k > cfg.vocab_size:
     raise ConfigError(f"--top_k={args.top_k} exceeds the vocabulary ({cfg.vocab_size})")
   stop_ids, stop_strings = parse_stops(args.stop, cfg.vocab_size)
+  check_length(cfg, tokenizer, texts, args)
   start = time.perf_counter()
   # A rendered chat already holds the special tokens its template writes (BOS included).
   completions = complete(params, cfg, peft, tokenizer, texts, max_new_tokens=args.max_new_tokens,

@@ -5,7 +5,7 @@
       [--retry_failed] [--metric=eval/loss] [--goal=min|max] [--extra='--config.train.steps=20'] [--trial_timeout=S]
 
 Every trial runs as `python -m experiments.<stage> --config=FILE:PRESET --config.a=b ...
---workdir=WORKDIR/trial_k --resume`. Finished trials (DONE) are skipped on a rerun; failed ones
+--workdir=WORKDIR/trial_k --resume=auto`. Finished trials (DONE) are skipped on a rerun; failed ones
 are retried only with --retry_failed. At the end: results.csv / results.md sorted by --metric (its
 last value in each trial's metrics.jsonl) and loss_curves.png (train/loss of every trial).
 """

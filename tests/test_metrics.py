@@ -81,7 +81,8 @@ def test_progress_logger_every_n_steps() -> None:
   results = [logger.update(step, {"loss": 1.0, "perplexity": 2.718}, tokens=100)
              for step in range(1, 6)]
   assert [r is not None for r in results] == [False, True, False, True, True]
-  # Step 1 (compile) only starts the clock: 100 tokens in the 1 s up to step 2.
-  assert lines[0] == "step 2/5  loss 1.000  ppl 2.7  tok/s 100"
-  assert lines[1].startswith("step 4/5") and "tok/s 100" in lines[1]
-  assert lines[2].startswith("step 5/5")
+  # Step 1 (compile) only starts the clock: 100 tokens in the 1 s up to step 2, and 3 steps left
+  # at 1 s each.
+  assert lines[0] == "step 2/5  loss 1.000  ppl 2.7  tok/s 100  eta 3s"
+  assert lines[1].startswith("step 4/5") and "tok/s 100" in lines[1] and lines[1].endswith("eta 1s")
+  assert lines[2].startswith("step 5/5") and "eta" not in lines[2]

@@ -97,6 +97,21 @@ def _tensor_sources(params: Params, cfg: ModelConfig, specs: list[TensorSpec], n
   return sources
 
 
+def _finite_only(source: _Source) -> _Source:
+  """`source` whose tensor is refused when it holds NaN or inf (a diverged run, or a value past
+  the export dtype's range)."""
+  def produce() -> np.ndarray:
+    x = source.produce()
+    bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    if bad:
+      raise CheckpointError(
+          f"tensor {source.name} holds {bad:,} non-finite values (NaN/inf) of {x.size:,} in "
+          f"{x.dtype}: the weights diverged or overflow the export dtype; export an earlier "
+          "checkpoint (--step), or pass --allow-non-finite to write them anyway")
+    return x
+  return source._replace(produce=produce)
+
+
 def _plan_shards(sources: list[_Source], max_shard_bytes: int) -> list[list[_Source]]:
   shards: list[list[_Source]] = [[]]
   size = 0
@@ -191,6 +206,20 @@ def _save_tokenizer(tokenizer: Any, tmp: pathlib.Path, cfg: ModelConfig) -> None
       shutil.copy2(path, tmp / path.name)
 
 
+def export_temp_dir(out_dir: pathlib.Path) -> pathlib.Path:
+  """A new hidden directory beside `out_dir` to build the export in, after removing the ones an
+  interrupted export to the same `out_dir` left (`.NAME.tmp-*`, `.NAME.old-*`): they can hold a
+  whole model, and no export to one `out_dir` runs beside another."""
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+    for stale in out_dir.parent.glob(pattern):
+      if stale.is_dir():
+        shutil.rmtree(stale, ignore_errors=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become out_dir's mode
+  return tmp
+
+
 def _install(tmp: pathlib.Path, out_dir: pathlib.Path, overwrite: bool) -> None:
   """Move the finished export into place; an old out_dir goes only after the new one is there."""
   if not out_dir.exists():
@@ -224,13 +253,15 @@ def _as_sequence_classifier(hf_config: dict, cfg: ModelConfig) -> None:
 def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
               architecture: str | None = None, dtype: str = "float32", tokenizer: Any = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-              generation_config: Mapping[str, Any] | None = None) -> pathlib.Path:
+              generation_config: Mapping[str, Any] | None = None,
+              allow_non_finite: bool = False) -> pathlib.Path:
   """Write an HF checkpoint dir: config.json, safetensors weights, generation_config.json, tokenizer.
 
   `params`: scanned or unrolled (per `layers` / `layers_i` keys), numpy or jax (sharded is fine:
   one layer slice at a time crosses to host). `architecture`: llama | qwen2 | mistral; None takes
   `cfg.hf_architecture`, else llama. `tokenizer`: a transformers tokenizer or a directory holding
-  one. `generation_config`: fields merged over the config's bos/eos/pad ids. Returns `out_dir`.
+  one. `generation_config`: fields merged over the config's bos/eos/pad ids. A tensor holding NaN
+or inf is refused unless `allow_non_finite`. Returns `out_dir`.
   """
   if dtype not in EXPORT_DTYPES:
     raise ConfigError(f"export dtype={dtype!r}; choose one of {EXPORT_DTYPES}")
@@ -258,10 +289,10 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
     sources.append(_Source(
         "score.weight", (1, cfg.hidden_size), cfg.hidden_size * np_dtype.itemsize,
         lambda: np.ascontiguousarray(np.asarray(kernel).T, dtype=np_dtype)))
+  if not allow_non_finite:
+    sources = [_finite_only(source) for source in sources]
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become out_dir's mode
+  tmp = export_temp_dir(out_dir)
   try:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from research.errors import CheckpointError, ConfigError
 from research.interop.hf_config import model_config_from_hf
@@ -163,7 +163,11 @@ def _open_all(files: list[pathlib.Path]) -> Iterator[dict[str, Any]]:
   with contextlib.ExitStack() as stack:
     by_name: dict[str, Any] = {}
     for path in files:
-      handle = stack.enter_context(safe_open(str(path), framework="numpy"))
+      try:
+        handle = stack.enter_context(safe_open(str(path), framework="numpy"))
+      except (SafetensorError, OSError) as e:  # truncated, garbage, unreadable
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download or "
+                              "export it again") from e
       for name in handle.keys():
         by_name[name] = handle
     yield by_name

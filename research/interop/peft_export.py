@@ -9,7 +9,6 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ from safetensors.numpy import save_file
 
 from research.errors import CheckpointError, ConfigError
 from research.interop.hf_config import model_config_from_hf
-from research.interop.hf_export import EXPORT_DTYPES, _install, export_hf
+from research.interop.hf_export import EXPORT_DTYPES, _install, export_hf, export_temp_dir
 from research.interop.hf_import import TensorSpec, _open_all, _weight_files, tensor_layout
 from research.models.config import ModelConfig
 from research.models.peft import LORA_TARGETS, PeftConfig, strip_peft
@@ -246,9 +245,7 @@ def export_peft(params: Params, cfg: ModelConfig, peft: PeftConfig, out_dir: str
     else:
       export_hf(base, cfg, base_path, architecture=architecture, dtype=dtype, tokenizer=tokenizer)
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-  os.chmod(tmp, 0o755)  # mkdtemp's 0700 would otherwise become out_dir's mode
+  tmp = export_temp_dir(out_dir)
   try:
     if inside:
       export_hf(base, cfg, tmp / BASE_SUBDIR, architecture=architecture, dtype=dtype,

@@ -35,5 +35,5 @@ def build_base(base: ConfigDict, mesh: ConfigDict, workdir: str, texts: Sequence
   base.mesh = ConfigDict(mesh.to_dict())
   logging.info("no init given: pretraining a small base in %s", base_dir)
   print(f"no init given: pretraining a small base model in {base_dir}", flush=True)
-  pretrain.run(base, base_dir, resume=True)
+  pretrain.run(base, base_dir, resume="auto")
   return base_dir

@@ -152,7 +152,7 @@ def _reward_model(config: ConfigDict, workdir: str):
   rm_config.mesh = ConfigDict(config.mesh.to_dict())
   if not (wd.is_workdir(rm_dir) and os.path.isdir(wd.checkpoint_dir(rm_dir))):
     print(f"no reward.model given: training one in {rm_dir}", flush=True)
-    reward.run(rm_config, rm_dir, resume=True)
+    reward.run(rm_config, rm_dir, resume="auto")
   return rm_dir
 
 
@@ -168,7 +168,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
     if rm_dir and wd.is_workdir(os.path.join(rm_dir, "base")):
       init = os.path.join(rm_dir, "base")  # the LM the reward model itself started from
     else:
-      pretrain.run(_with_mesh(config.base, config), os.path.join(workdir, "base"), resume=True)
+      pretrain.run(_with_mesh(config.base, config), os.path.join(workdir, "base"), resume="auto")
       init = os.path.join(workdir, "base")
   policy_cfg, policy_params, tok_dir = setup.load_init_weights(init, mesh, rules,
                                                                    config.get("model"))

@@ -3,6 +3,7 @@ starting weights (random, a workdir or a Hugging Face directory), resume checks,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -13,14 +14,20 @@ from ml_collections import ConfigDict
 
 from research.errors import ConfigError, UserError
 from research.models.config import RUNTIME_FIELDS, ModelConfig
+from research.stages.config_ranges import check_config_ranges
 from research.parallel.mesh import make_mesh
 from research.parallel.distributed import check_global_batch
 from research.parallel.rules import DEFAULT_RULES, Rules, batch_shard_count
 from research.train import workdir as wd
 from research.train.checkpoints import Checkpointer
-from research.train.metrics import MetricsWriter, ProgressLogger, save_config
+from research.train.curves import plot_curves
+from research.train.metrics import METRICS_FILE, MetricsWriter, ProgressLogger, save_config
 from research.train.state import TrainState, init_state, state_from_params
 from research.train.loop import LoopHooks, train_loop
+
+# True: continue the workdir's run (an error when it has none); "auto": continue it when there is
+# one, else start fresh; False: start fresh (an error when the workdir holds a run).
+Resume = bool | str
 
 
 def rules_from(config: ConfigDict) -> Rules:
@@ -34,9 +41,10 @@ def rules_from(config: ConfigDict) -> Rules:
   return tuple(table.items())
 
 
-def prepare_run(config: ConfigDict, workdir: str, resume: bool) -> tuple[Mesh, Rules]:
-  """What every stage checks first: the workdir (never clobbered), the mesh and its rules, and a
-  global batch that splits over micro-batches, batch shards and processes."""
+def prepare_run(config: ConfigDict, workdir: str, resume: Resume) -> tuple[Mesh, Rules]:
+  """What every stage checks first: the config's ranges, the workdir (never clobbered), the mesh
+  and its rules, and a global batch that splits over micro-batches, batch shards and processes."""
+  check_config_ranges(config)
   os.makedirs(workdir, exist_ok=True)
   check_workdir(workdir, resume)
   mesh, rules = mesh_from(config), rules_from(config)
@@ -67,13 +75,25 @@ def model_config_from(section: ConfigDict, vocab_size: int | None = None,
   return ModelConfig.from_dict(fields)
 
 
-def check_workdir(workdir: str, resume: bool) -> None:
-  """Refuses to train over an existing run unless resuming: nothing written is ever clobbered."""
+def check_workdir(workdir: str, resume: Resume) -> None:
+  """Refuses to train over an existing run unless resuming (nothing written is ever clobbered),
+  and `resume=True` where there is nothing to resume; `resume="auto"` resumes or starts fresh."""
   ckpt_dir = wd.checkpoint_dir(workdir)
-  if not resume and os.path.isdir(ckpt_dir) and any(
-      name.isdigit() for name in os.listdir(ckpt_dir)):
+  has_steps = os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+  metrics = os.path.join(workdir, METRICS_FILE)
+  leftovers = os.path.isfile(metrics) and os.path.getsize(metrics) > 0
+  if not resume and has_steps:
     raise UserError(f"{workdir} already holds checkpoints: pass --resume to continue that run, or "
                     "choose a new --workdir")
+  if not resume and leftovers:
+    raise UserError(f"{workdir} holds {METRICS_FILE} of an earlier run that saved no checkpoint: "
+                    "pass --resume=auto to start over there (its metrics are replaced), or choose "
+                    "a new --workdir")
+  if resume is True and not has_steps:
+    raise UserError(f"--resume: {workdir} holds no checkpoint to resume from; drop --resume to "
+                    "start a new run there, or pass --resume=auto to resume when there is one")
+  if resume == "auto" and not has_steps and jax.process_index() == 0:
+    print(f"no checkpoint in {workdir}: starting fresh (--resume=auto)", flush=True)
 
 
 def with_runtime_fields(cfg: ModelConfig, section: ConfigDict | None,
@@ -140,7 +160,10 @@ def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: Tra
                 checkpointer: Checkpointer) -> tuple[TrainState, int, dict]:
   """(state, step, checkpoint extra): resumed, built around given weights, or freshly initialised."""
   if resume and checkpointer.latest_step() is not None:
-    state, extra = checkpointer.restore(None, abstract)
+    step, (state, extra) = checkpointer.restore_newest(lambda s: checkpointer.restore(s, abstract))
+    checkpointer.set_aside_newer(step)  # damaged steps: this run writes its own steps there
+    if jax.process_index() == 0:
+      print(f"resuming from step {step} of {checkpointer.directory}", flush=True)
     return state, int(jax.device_get(state.step)), extra
   if init_params is not None:
     params, frozen = init_params()
@@ -151,14 +174,18 @@ def start_state(*, config: ConfigDict, workdir: str, resume: bool, abstract: Tra
 def run_loop(*, config: ConfigDict, workdir: str, state: TrainState, start_step: int,
              hooks: LoopHooks, checkpointer: Checkpointer) -> TrainState:
   is_main = jax.process_index() == 0
-  writer = MetricsWriter(workdir, enabled=is_main)
+  if is_main and hooks.after_eval is None:  # every stage's curves, redrawn at each eval
+    hooks = dataclasses.replace(hooks, after_eval=lambda step: plot_curves(workdir))
+  # A run from step 0 evaluates step 0 again: the old file's lines all go.
+  writer = MetricsWriter(workdir, enabled=is_main, start_step=start_step or -1)
   progress = ProgressLogger(config.train.steps, every=config.train.log_every, enabled=is_main)
   try:
     return train_loop(state, hooks, start_step=start_step, total_steps=config.train.steps,
                       writer=writer, progress=progress, checkpointer=checkpointer,
                       checkpoint_every=config.train.checkpoint_every,
                       eval_every=config.train.eval_every,
-                      stop_at_step=config.train.get("stop_at_step", 0))
+                      stop_at_step=config.train.get("stop_at_step", 0),
+                      max_bad_steps=config.train.get("max_bad_steps", 0))
   finally:
     writer.close()
 

@@ -9,6 +9,9 @@ Guarantees (checked in tests/test_checkpoints.py):
     `abstract_state`, whatever mesh the checkpoint was written from.
   * Multi-process: every process calls `save`/`restore` with the same arguments; orbax writes each
     array shard from the process that owns it and the JSON item and metadata from process 0 only.
+  * Verified restores: a step whose files do not restore (truncated, garbage) raises
+    `UnrestorableCheckpoint` naming the step; with step=None `restore` and `restore_newest` fall
+    back to the newest step that restores, saying which on stderr.
 The step list is read when the `Checkpointer` is built and then tracks its own saves; build a new
 one to see steps written by another job.
 """
@@ -16,8 +19,11 @@ one to see steps written by another job.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+import re
+import sys
+from typing import Any, Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -28,6 +34,71 @@ PyTree = Any
 
 _STATE = "state"
 _EXTRA = "extra"
+UNRESTORABLE_PREFIX = "unrestorable-"  # a step set aside: not a step name, so never listed
+T = TypeVar("T")
+
+
+class UnrestorableCheckpoint(CheckpointError):
+  """A finalized step whose files fail to read (truncated, garbage); older steps may still do."""
+
+
+def _first_line(error: BaseException) -> str:
+  """The first line of the innermost cause: tensorstore's own (which file, which byte range)
+  rather than orbax's wrapper around it, which holds a whole TensorStore spec."""
+  seen = {id(error)}
+  while (error.__cause__ or error.__context__) is not None and id(
+      error.__cause__ or error.__context__) not in seen:
+    error = error.__cause__ or error.__context__
+    seen.add(id(error))
+  text = str(error).split(" [tensorstore_spec")[0].strip().splitlines()
+  line = text[0] if text else type(error).__name__
+  return line if len(line) <= 200 else line[:197] + "..."
+
+
+# Tensorstore's status codes for files it cannot read; a tree or shape mismatch is none of these.
+_DAMAGE = re.compile(r"^(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INTERNAL|UNKNOWN): "
+                     r"|Error (reading|decoding) ")
+
+
+def _is_damage(error: BaseException) -> bool:
+  while error is not None:
+    if _DAMAGE.search(str(error)):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+class _OrphanReadErrors(logging.Filter):
+  """Orbax reads arrays as asyncio futures and leaves the others of a failed read unretrieved:
+  each would log its whole TensorStore spec again when collected, after the one line we print."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Future exception was never retrieved")
+
+
+_ORPHAN_MESSAGES = ("Encountered error while reading", "Event loop is closed")
+
+
+def _drop_orphan_read_errors() -> None:
+  """Silences what a failed orbax read leaves behind: unretrieved futures (logged by asyncio)
+  and abandoned coroutines (reported through sys.unraisablehook), each a multi-line dump."""
+  logger = logging.getLogger("asyncio")
+  if any(isinstance(f, _OrphanReadErrors) for f in logger.filters):
+    return
+  logger.addFilter(_OrphanReadErrors())
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    text = str(unraisable.exc_value)
+    if not any(message in text for message in _ORPHAN_MESSAGES):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def _warn(message: str) -> None:
+  if jax.process_index() == 0:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _absolute(directory: str | os.PathLike) -> str:
@@ -166,17 +237,21 @@ class Checkpointer:
     Python scalars and numpy arrays in it come back as the same types. Dtypes are cast to the
     requested ones; shapes must match exactly.
     """
+    if step is None:
+      return self.restore_newest(lambda s: self.restore(s, abstract_state))[1]
     step = self._resolve_step(step)
     abstract_state = jax.tree.map(_as_abstract, abstract_state)
     _check_shardings(abstract_state, self.directory)
     try:
-      restored = self._manager.restore(
+      restored = self._read(step, lambda: self._manager.restore(
           step,
           args=ocp.args.Composite(**{
               _STATE: ocp.args.StandardRestore(abstract_state),
               _EXTRA: ocp.args.JsonRestore(),
           }),
-      )
+      ))
+    except UnrestorableCheckpoint:
+      raise
     except ValueError as e:
       # Tree-structure or shape mismatches: almost always a changed model/optimizer config.
       raise CheckpointError(
@@ -185,11 +260,74 @@ class Checkpointer:
           "in the checkpoint's extra), or point to a different checkpoint directory.") from e
     return restored[_STATE], restored[_EXTRA]
 
+  def _read(self, step: int, read: Callable[[], T]) -> T:
+    """`read()`, with a failure to read the step's files raised as UnrestorableCheckpoint.
+
+    ValueError/KeyError pass through: orbax raises them when the saved tree does not match the
+    requested one (a config change, not damage). Tensorstore raises a bare Exception for
+    damaged data; a damaged JSON item is a JSONDecodeError.
+    """
+    try:
+      return read()
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+      raise self._unrestorable(step, e) from e
+    except (ValueError, KeyError) as e:
+      if _is_damage(e):
+        raise self._unrestorable(step, e) from e
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._unrestorable(step, e) from e
+
+  def _unrestorable(self, step: int, error: BaseException) -> UnrestorableCheckpoint:
+    _drop_orphan_read_errors()
+    return UnrestorableCheckpoint(
+        f"checkpoint step {step} in {self.directory} does not restore, its files are damaged "
+        f"({_first_line(error)})")
+
+  def restore_newest(self, read: Callable[[int], T], step: int | None = None) -> tuple[int, T]:
+    """(step, read(step)) for `step`, or for None the newest step that `read` restores: a damaged
+    step is named on stderr and the one before it tried. Raises when none restores."""
+    if step is not None:
+      return step, read(self._resolve_step(step))
+    self.wait()
+    steps = list(reversed(self.all_steps()))
+    if not steps:
+      self._resolve_step(None)  # raises: nothing to restore
+    for i, candidate in enumerate(steps):
+      try:
+        result = read(candidate)
+      except UnrestorableCheckpoint as e:
+        if i + 1 == len(steps):
+          raise CheckpointError(f"no checkpoint in {self.directory} restores (steps {steps}); "
+                                f"the oldest: {e}") from e
+        _warn(f"{e}; falling back to step {steps[i + 1]}")
+        continue
+      if i:
+        _warn(f"restored step {candidate} of {self.directory}, the newest that restores")
+      return candidate, result
+    raise AssertionError("unreachable")
+
+  def set_aside_newer(self, step: int) -> list[int]:
+    """Renames the finalized steps after `step` to `unrestorable-<step>` (kept for inspection,
+    never listed), so a run resumed from `step` saves its own steps there; returns them."""
+    newer = [s for s in self.all_steps() if s > step]
+    if newer and jax.process_index() == 0:
+      for s in newer:
+        os.replace(os.path.join(self.directory, str(s)),
+                   os.path.join(self.directory, f"{UNRESTORABLE_PREFIX}{s}"))
+    if newer:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("checkpoints set aside")
+      self._manager.reload()
+      _warn(f"set aside the damaged steps {newer} in {self.directory} as {UNRESTORABLE_PREFIX}*")
+    return newer
+
   def restore_extra(self, step: int | None = None) -> dict[str, Any]:
     """Reads only the JSON item of `step` (None = latest), e.g. to rebuild the config first."""
     step = self._resolve_step(step)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()}))
+    restored = self._read(step, lambda: self._manager.restore(
+        step, args=ocp.args.Composite(**{_EXTRA: ocp.args.JsonRestore()})))
     return restored[_EXTRA]
 
   def restore_fields(self, step: int | None, abstract_fields: dict[str, PyTree]) -> dict[str, PyTree]:
@@ -206,8 +344,11 @@ class Checkpointer:
         abstract_fields)
     path = os.path.join(self.directory, str(step), _STATE)
     try:
-      return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-          item=abstract_fields, restore_args=restore_args, partial_restore=True))
+      return self._read(step, lambda: ocp.PyTreeCheckpointer().restore(
+          path, args=ocp.args.PyTreeRestore(item=abstract_fields, restore_args=restore_args,
+                                            partial_restore=True)))
+    except UnrestorableCheckpoint:
+      raise
     except (ValueError, KeyError) as e:
       raise CheckpointError(
           f"checkpoint {path} has no fields {sorted(abstract_fields)} of the expected shapes: {e}"

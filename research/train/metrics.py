@@ -20,11 +20,13 @@ class MetricsWriter:
   """Appends scalar metrics to `<workdir>/metrics.jsonl` and `<workdir>/tensorboard/`.
 
   Build it with `enabled=False` on every process but 0 so only one copy is written. The JSON file is
-  opened in append mode: a resumed run continues it, so steps after the resumed checkpoint may
-  appear twice (the later line is the one the resumed run produced).
+  continued; with `start_step` (the step a run resumes from, 0 for a fresh one) the lines of later
+  steps, written by a run killed after its checkpoint, are dropped first, so each step appears
+  once. A torn last line (a kill mid-write) is always dropped.
   """
 
-  def __init__(self, workdir: str | os.PathLike, enabled: bool = True) -> None:
+  def __init__(self, workdir: str | os.PathLike, enabled: bool = True,
+               start_step: int | None = None) -> None:
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
     self._file = None
@@ -32,6 +34,7 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(self.workdir, exist_ok=True)
+    truncate_metrics(self.workdir, start_step)
     self._file = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
     # Imported lazily: non-zero processes never pay for it, and it pulls in protobuf.
     from tensorboardX import SummaryWriter
@@ -115,9 +118,46 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   return records
 
 
+def truncate_metrics(workdir: str | os.PathLike, after_step: int | None = None) -> None:
+  """Rewrites `<workdir>/metrics.jsonl` without a torn last line and, given `after_step`, without
+  the lines of steps after it; atomically, and only when something is dropped."""
+  path = os.path.join(os.fspath(workdir), METRICS_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  lines = text.split("\n")
+  kept = []
+  for line in lines[:-1]:  # lines[-1] is "" or a torn line
+    try:
+      step = json.loads(line)["step"] if line.strip() else None
+    except (json.JSONDecodeError, TypeError, KeyError):
+      step = None  # unreadable: read_metrics will name it; dropping it here would hide it
+    if after_step is None or step is None or step <= after_step:
+      kept.append(line + "\n")
+  new_text = "".join(kept)
+  if new_text == text:
+    return
+  fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=os.fspath(workdir))
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    f.write(new_text)
+  os.replace(tmp, path)
+
+
+def format_duration(seconds: float) -> str:
+  """`45s`, `12m05s`, `3h07m`."""
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
-                    tokens_per_sec: float | None) -> str:
-  """`step 120/200  loss 3.214  ppl 24.9  tok/s 12,345  lr 3.0e-04`, omitting absent fields."""
+                    tokens_per_sec: float | None, remaining_s: float | None = None) -> str:
+  """`step 120/200  loss 3.214  ppl 24.9  tok/s 12,345  lr 3.0e-04  eta 1m40s`, omitting absent
+  fields."""
   parts = [f"step {step}/{total_steps}"]
   if "loss" in metrics:
     loss = float(metrics["loss"])
@@ -131,6 +171,8 @@ def format_progress(step: int, total_steps: int, metrics: Mapping[str, Any],
     parts.append(f"tok/s {tokens_per_sec:,.0f}")
   if "lr" in metrics:
     parts.append(f"lr {float(metrics['lr']):.1e}")
+  if remaining_s is not None and step < total_steps:
+    parts.append(f"eta {format_duration(remaining_s)}")
   return "  ".join(parts)
 
 
@@ -155,21 +197,32 @@ class ProgressLogger:
     self._log = log_fn or (lambda line: print(line, flush=True))
     self._clock = clock
     self._last_time: float | None = None
+    self._last_step = 0
     self._tokens = 0
+
+  def log(self, line: str) -> None:
+    """Prints `line` (an eval result, say) where progress goes, on the process that logs."""
+    if self.enabled:
+      self._log(line)
 
   def update(self, step: int, metrics: Mapping[str, Any], tokens: int = 0) -> str | None:
     """Call once per step with that step's `tokens`; returns the line when one was logged."""
     now = self._clock()
     if self._last_time is None:
       self._last_time = now
+      self._last_step = step
     else:
       self._tokens += tokens
     if not self.enabled or (step % self.every != 0 and step != self.total_steps):
       return None
     elapsed = now - self._last_time
     rate = self._tokens / elapsed if elapsed > 0 and self._tokens else None
-    line = format_progress(step, self.total_steps, metrics, rate)
+    steps = step - self._last_step
+    # Remaining steps at the pace since the last line (evals and checkpoints included).
+    remaining = elapsed / steps * (self.total_steps - step) if steps > 0 and elapsed > 0 else None
+    line = format_progress(step, self.total_steps, metrics, rate, remaining)
     self._log(line)
     self._last_time = now
+    self._last_step = step
     self._tokens = 0
     return line

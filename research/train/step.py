@@ -20,6 +20,9 @@ from research.parallel.rules import DEFAULT_RULES, Rules
 from research.train.state import TrainState
 
 Batch = dict[str, jax.Array]
+# 1.0 when the step's loss and gradient norm were finite and its update was applied, 0.0 when the
+# update was skipped; the loop reads it with the metrics it fetches anyway (no extra round trip).
+FINITE = "finite"
 LossFn = Callable[[Any, Any, Batch, jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
@@ -100,6 +103,28 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
   return train_step
 
 
+def _checked_metrics(metrics: dict) -> list[jax.Array]:
+  # "loss" and "grad_norm" of the generic step, and the "loss/..." parts of a stage's own (PPO).
+  return [v for k, v in metrics.items() if k in ("loss", "grad_norm") or k.startswith("loss/")]
+
+
+def guard_non_finite(step_fn: Callable[[TrainState, Batch], tuple[TrainState, dict]]):
+  """`step_fn` that keeps the old params and optimizer state when its loss or gradient norm is
+  not finite (the step counter still advances, so schedule and data stay aligned with the loop),
+  and reports `metrics[FINITE]`. A selection inside the step: no host round trip."""
+
+  def guarded(state: TrainState, batch: Batch):
+    new_state, metrics = step_fn(state, batch)
+    checked = _checked_metrics(metrics)
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in checked])) if checked else (
+        jnp.asarray(True))
+    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                        new_state.replace(step=state.step), state)
+    return kept.replace(step=new_state.step), {**metrics, FINITE: ok.astype(jnp.float32)}
+
+  return guarded
+
+
 def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], tuple[jax.Array, jax.Array]]:
   def eval_step(state: TrainState, batch: Batch):
     num, den, _ = loss_fn(state.params, state.frozen, batch, state.rng)
@@ -120,10 +145,11 @@ def _traced_with(fn, mesh, rules: Rules):
 def jit_train_step(step_fn, state_shardings: TrainState, batch_sharding: NamedSharding,
                    rules: Rules = DEFAULT_RULES):
   """Explicit in/out shardings from the mesh and rules; the old state is donated. Activations are
-  constrained by the same rules (`research.parallel.activations`)."""
+  constrained by the same rules (`research.parallel.activations`). Every stage's step goes through
+  `guard_non_finite` here, so no non-finite update reaches the state."""
   mesh = batch_sharding.mesh
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(_traced_with(step_fn, mesh, rules), in_shardings=(state_shardings, batch_sharding),
+  return jax.jit(_traced_with(guard_non_finite(step_fn), mesh, rules), in_shardings=(state_shardings, batch_sharding),
                  out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 

@@ -25,7 +25,7 @@ from research.models.heads import init_with_head
 from research.models.peft import NO_PEFT, PeftConfig, merge_lora, split_trainable
 from research.parallel.mesh import make_mesh
 from research.parallel.rules import DEFAULT_RULES, Rules, logical_axes_of, shardings_for
-from research.train.checkpoints import Checkpointer
+from research.train.checkpoints import Checkpointer, UnrestorableCheckpoint
 
 MODEL_CONFIG = "model_config.json"
 PEFT_CONFIG = "peft_config.json"
@@ -162,15 +162,21 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   trainable, frozen = split_trainable(abstract, peft)
   fields = {"params": trainable} if not frozen else {"params": trainable, "frozen": frozen}
   ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=1_000_000, async_save=False)
-  try:
-    extra = ckpt.restore_extra(step)
+
+  def read(s: int):
+    extra = ckpt.restore_extra(s)
     try:
-      restored = ckpt.restore_fields(step, fields)
+      return extra, ckpt.restore_fields(s, fields)
+    except UnrestorableCheckpoint:
+      raise
     except CheckpointError as e:
-      message = _lora_rank_mismatch(workdir, ckpt, step, trainable, peft)
+      message = _lora_rank_mismatch(workdir, ckpt, s, trainable, peft)
       if message is None:
         raise
       raise CheckpointError(message) from e
+
+  try:  # step None: the newest step that restores (a damaged newer one is named on stderr)
+    _, (extra, restored) = ckpt.restore_newest(read, step)
   finally:
     ckpt.close()
   params = _merge_trees(restored.get("frozen", {}), restored["params"])
