@@ -191,3 +191,41 @@ def test_grpo_resumed_run_matches_the_straight_one(grpo_straight, tmp_path):
                 "train/grad_norm", "train/clip_ratio/region_mean"):
       np.testing.assert_allclose(ours[step][key], ref[step][key], rtol=1e-5, atol=1e-7,
                                  err_msg=f"{key} at step {step}")
+
+
+def test_lora_reference_is_the_base_with_the_adapter_off():
+  """With LoRA the reference log-probs come from the frozen base alone (no copy is held): with an
+  adapter that changes outputs, they equal a plain forward of the base."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from research.models.config import ModelConfig
+  from research.models.decoder import Decoder
+  from research.models.peft import PeftConfig, split_trainable
+  from research.objectives.lm import token_nll
+  from research.sampling import SamplingConfig
+  from research.stages.grpo_step import GRPOModels, GRPOSettings, make_logprob_program
+  from research.train.state import TrainState
+  cfg = ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64)
+  peft = PeftConfig(method="lora", r=4, targets=("q", "v"))
+  params = jax.jit(lambda r: nn.meta.unbox(Decoder(cfg, peft).init(
+      r, jnp.zeros((1, 4), jnp.int32))["params"]))(jax.random.PRNGKey(0))
+  trainable, frozen = split_trainable(params, peft)
+  trainable = jax.tree.map(lambda x: x + 0.5, trainable)  # B != 0: the adapter changes outputs
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
+                     opt_state=None, rng=jax.random.PRNGKey(0))
+  s = GRPOSettings(sampling=SamplingConfig(max_new_tokens=3), pad_id=0, beta=0.1)
+  models = GRPOModels(cfg, peft)
+  program = make_logprob_program(models, s)
+  seq = jnp.asarray([[5, 6, 7, 8, 9, 10], [0, 11, 12, 13, 14, 1]])
+  seg = jnp.asarray([[1] * 6, [0] + [1] * 5])
+  out = program(state, {"seq_nl": seq, "seg_nl": seg, "resp_nr": seq[:, 3:]})
+  base_logp = jax.jit(lambda p: -token_nll(
+      Decoder(cfg).apply({"params": p}, seq, seg)[0][:, 2:5], seq[:, 3:]))(frozen)
+  np.testing.assert_allclose(out["ref_logp_nr"], base_logp, atol=1e-5)
+  assert set(out) == {"ref_logp_nr"}  # one pass: the old log-probs are the current ones
+  lora_leaves = lambda tree: [k for k, _ in jax.tree_util.tree_leaves_with_path(tree)  # noqa: E731
+                              if "_lora" in jax.tree_util.keystr(k)]
+  assert lora_leaves(models.policy(state.params, state.frozen))
+  assert not lora_leaves(models.reference(state.frozen))
