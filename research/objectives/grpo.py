@@ -57,8 +57,9 @@ def group_stats(rewards_bg: jax.Array) -> dict[str, jax.Array]:
 
 
 def per_token_losses(logprobs_nt: jax.Array, old_logprobs_nt: jax.Array, advantages_n: jax.Array,
-                     epsilon_low: float, epsilon_high: float, ref_logprobs_nt: jax.Array | None = None,
-                     beta: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     epsilon_low: float, epsilon_high: float,
+                     ref_logprobs_nt: jax.Array | None = None, beta: float = 0.0
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """TRL's per-token GRPO loss and what its metrics read, before any masking. [N, T]
 
       ratio = exp(logp - old);  clipped = clip(ratio, 1 - eps_low, 1 + eps_high)

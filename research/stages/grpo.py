@@ -91,7 +91,8 @@ def task_examples(task: ConfigDict, seed: int) -> tuple[list[dict], list[dict]]:
                                        task.max_value)
 
 
-def prompt_ids(examples: Sequence[dict], tokenizer: Any, chat: bool, max_len: int) -> list[list[int]]:
+def prompt_ids(examples: Sequence[dict], tokenizer: Any, chat: bool,
+               max_len: int) -> list[list[int]]:
   """Token ids of each prompt: as a user turn of the tokenizer's chat template (with the assistant
   turn opened) when it has one and `chat`, else the text itself; cut to the last `max_len`."""
   use_template = chat and has_chat_template(tokenizer)
