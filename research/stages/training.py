@@ -41,6 +41,9 @@ class StageSpec:
   before_loop: Callable[[TrainState, int], None] | None = None  # (state, start step)
   lm_loss: bool = True  # report perplexity
   make_step: StepFactory | None = None  # a stage's own step (PPO) instead of one over train_loss
+  # Host work around the jitted step, (jitted step, batch sharding) -> the step the loop calls
+  # (GRPO samples, then scores with rewards that are Python code, before each update).
+  wrap_step: Callable[[Callable, Any], Callable] | None = None
 
 
 def overlay(fresh: Any, base: Any) -> Any:
@@ -94,6 +97,8 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
     logging.info("resumed from step %d", start_step)
 
   b_sharding, train_step = built.batch_sharding, built.train_step
+  if spec.wrap_step is not None:
+    train_step = spec.wrap_step(train_step, b_sharding)
   evaluate = None
   if spec.make_evaluator is not None:
     evaluate = spec.make_evaluator(built.eval_step, b_sharding)
