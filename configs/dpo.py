@@ -53,7 +53,7 @@ def _test(c: ConfigDict) -> None:
   c.dpo.beta = 0.5
   c.base.model.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
   c.base.data.update(vocab_size=400, seq_len=32)
-  c.base.train.update(steps=10, eval_every=0, checkpoint_every=10, sample_tokens=4)
+  c.base.train.update(steps=10, eval_every=0, checkpoint_every=10, sample_prompts=())
   c.base.optimizer.update(warmup_steps=2)
   c.train.update(steps=20, eval_every=10, log_every=5, checkpoint_every=10, max_eval_batches=1)
   c.optimizer.update(lr=3e-3, warmup_steps=2)

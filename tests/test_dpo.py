@@ -74,90 +74,85 @@ def test_dpo_learns_the_preference_and_logs_trl_metrics(learned):
 
 
 def test_prompt_tokens_never_count():
-  """Changing the prompt's token ids moves the log-probs only through the context: with the
-  response mask on prompt positions zeroed, the sum equals a hand sum over response tokens."""
+  """Both completions of a prompt in one [B*K] forward, with the head chunked: each sum covers
+  exactly the response tokens and the EOS (a hand sum over a forward of that row alone)."""
+  import flax.linen as nn
   from research.models.config import ModelConfig
   from research.models.decoder import Decoder
+  from research.models.peft import NO_PEFT
   from research.stages.dpo import completion_logps
-  import flax.linen as nn
   cfg = ModelConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     mlp_dim=64, loss_chunk_tokens=4)
   params = nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(0),
                                            jnp.zeros((1, 8), jnp.int32))["params"])
   tokens = np.array([[[5, 6, 7, 8, 9, 2, 0, 0], [5, 6, 7, 10, 2, 0, 0, 0]]], np.int32)
-  seg = (np.arange(8) < np.array([[6], [5]]))[None].astype(np.int32)
+  lengths = np.array([6, 5])
+  seg = (np.arange(8) < lengths[:, None])[None].astype(np.int32)
   resp = np.zeros((1, 2, 8), np.float32)
-  resp[0, 0, 3:6], resp[0, 1, 3:5] = 1, 1  # prompt = 3 tokens
+  resp[0, 0, 3:6], resp[0, 1, 3:5] = 1, 1  # a 3-token prompt
   batch = {"tokens_bkt": tokens, "segment_ids_bkt": seg, "positions_bkt": np.cumsum(seg, -1) - 1,
            "response_mask_bkt": resp}
-  logps, counts = completion_logps(params, cfg, cfg and __import__(
-      "research.models.peft", fromlist=["NO_PEFT"]).NO_PEFT, batch)
+  logps, counts = jax.jit(lambda p, b: completion_logps(p, cfg, NO_PEFT, b))(params, batch)
   np.testing.assert_array_equal(counts, [[3, 2]])
-  for k, n in ((0, 6), (1, 5)):
-    logits = Decoder(cfg).apply({"params": params}, tokens[:, k, :n])[0]
-    logp = jax.nn.log_softmax(logits[0], -1)
-    hand = sum(float(logp[t - 1, tokens[0, k, t]]) for t in range(3, n))
+  logits = jax.jit(lambda p, t: Decoder(cfg).apply({"params": p}, t)[0])(params, tokens[0])
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  for k, n in enumerate(lengths):  # padding after the row's end cannot reach it (causal)
+    hand = sum(logp[k, t - 1, tokens[0, k, t]] for t in range(3, n))
     np.testing.assert_allclose(logps[0, k], hand, rtol=1e-5)
 
 
-def test_precomputed_reference_equals_a_live_frozen_copy(learned, tmp_path):
-  """Full fine-tune from the same base: the precomputed reference and a frozen copy in the state
-  log the same loss and metrics at every step; stopped at 2 and resumed, the precomputed run
-  logs what the straight one logged."""
+def test_precomputed_reference_equals_a_live_frozen_copy_and_resumes(learned, tmp_path):
+  """Full fine-tune from the fixture's base and config: a frozen copy of the reference in the
+  state logs what the precomputed reference logged at steps 1-3; the precomputed run stopped at
+  step 2 and resumed (reference log-probs read back from the workdir) logs steps 3-4 as the
+  straight run did."""
   from research.stages import dpo
   _, tmp = learned
+  straight = {m["step"]: m for m in read_metrics(tmp / "run") if "train/loss" in m}
 
-  def run(name, precompute, stop=0, resume=False):
+  def run(name, precompute, stop, resume=False):
     c = _config(tmp / "prefs.jsonl", precompute_reference=precompute)
     c.init = str(tmp / "run" / "base")
-    c.train.update(steps=4, eval_every=4, log_every=1, checkpoint_every=2, stop_at_step=stop)
+    c.train.update(eval_every=0, log_every=1, checkpoint_every=2, stop_at_step=stop)
     out = dpo.run(c, str(tmp_path / name), resume=resume)
     return out, {m["step"]: m for m in read_metrics(tmp_path / name) if "train/loss" in m}
 
-  out_pre, pre = run("pre", True)
-  out_live, live = run("live", False)
-  assert (out_pre["reference"], out_live["reference"]) == ("precomputed", "copy")
-  assert sorted(pre) == sorted(live) == [1, 2, 3, 4]
-  for step in pre:
-    for key in ("train/loss", "train/rewards/margins", "train/logps/chosen"):
-      np.testing.assert_allclose(pre[step][key], live[step][key], rtol=1e-4, atol=1e-5,
+  out, live = run("live", False, stop=3)
+  assert out["reference"] == "copy" and "reference" in out["state"].frozen
+  assert sorted(live) == [1, 2, 3]
+  keys = ("train/loss", "train/rewards/margins", "train/logps/chosen", "train/grad_norm")
+  for step in live:
+    for key in keys:
+      np.testing.assert_allclose(live[step][key], straight[step][key], rtol=1e-4, atol=1e-5,
                                  err_msg=f"{key} at step {step}")
-  np.testing.assert_allclose(out_pre["eval"]["eval/loss"], out_live["eval"]["eval/loss"],
-                             rtol=1e-4)
   _, stopped = run("stopped", True, stop=2)
   assert max(stopped) == 2
-  _, resumed = run("stopped", True, resume=True)
+  _, resumed = run("stopped", True, stop=4, resume=True)
   for step in (3, 4):
-    for key in ("train/loss", "train/rewards/margins", "train/grad_norm"):
-      np.testing.assert_allclose(resumed[step][key], pre[step][key], rtol=1e-5,
+    for key in keys:
+      np.testing.assert_allclose(resumed[step][key], straight[step][key], rtol=1e-5,
                                  err_msg=f"{key} at step {step}")
 
 
 def test_lora_reference_is_the_base_with_the_adapter_off(learned, tmp_path):
-  """LoRA, reference live (the frozen base, no copy) or precomputed: the same numbers; the run
-  exports with to-peft and, merged, with to-hf."""
+  """LoRA with the reference live: the frozen base with the adapter off (no copy). B starts at
+  zero, so at step 1 the policy is the reference: every implicit reward is 0 and each pair's
+  loss is log 2. The run exports as a PEFT adapter; the full run of the fixture as HF weights."""
   from research.stages import dpo
   from scripts import convert
   _, tmp = learned
-  logged = {}
-  for precompute in (False, True):
-    c = _config(tmp / "prefs.jsonl", precompute_reference=precompute)
-    c.init = str(tmp / "run" / "base")
-    c.peft.update(method="lora", r=4, alpha=8.0, targets=("q", "v"))
-    c.train.update(steps=2, eval_every=2, log_every=1, checkpoint_every=2)
-    out = dpo.run(c, str(tmp_path / f"lora{precompute}"))
-    logged[precompute] = {m["step"]: m for m in read_metrics(tmp_path / f"lora{precompute}")
-                          if "train/loss" in m}
-    assert "reference" not in out["state"].frozen  # never a second copy of the model
-  assert out["reference"] == "precomputed"
-  for step in (1, 2):
-    np.testing.assert_allclose(logged[False][step]["train/loss"], logged[True][step]["train/loss"],
-                               rtol=1e-4)
-  # B starts at zero: at step 1 the policy is the reference, so every implicit reward is 0.
-  assert logged[False][1]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
-  assert convert.main(["to-peft", str(tmp_path / "loraTrue"), str(tmp_path / "adapter")]) == 0
+  c = _config(tmp / "prefs.jsonl", precompute_reference=False)
+  c.init = str(tmp / "run" / "base")
+  c.peft.update(method="lora", r=4, alpha=8.0, targets=("q", "v"))
+  c.train.update(steps=2, stop_at_step=1, eval_every=0, log_every=1)
+  out = dpo.run(c, str(tmp_path / "lora"))
+  assert out["reference"] == "adapter_off" and "reference" not in out["state"].frozen
+  first = [m for m in read_metrics(tmp_path / "lora") if "train/loss" in m][0]
+  assert first["train/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+  assert first["train/loss"] == pytest.approx(np.log(2.0), rel=1e-5)
+  assert convert.main(["to-peft", str(tmp_path / "lora"), str(tmp_path / "adapter")]) == 0
   assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-  assert convert.main(["to-hf", str(tmp_path / "loraTrue"), str(tmp_path / "hf")]) == 0
+  assert convert.main(["to-hf", str(tmp / "run"), str(tmp_path / "hf")]) == 0
   assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
