@@ -71,7 +71,7 @@ def get_config(preset: str = "hh_rlhf") -> ConfigDict:
   return c
 
 
-# `scripts/sweep.py --config=configs/dpo.py:hh_rlhf --sweep=beta_loss` (schema in research/sweeps.py).
+# `scripts/sweep.py --config=configs/dpo.py:hh_rlhf --sweep=beta_loss` (schema: research/sweeps.py).
 SWEEPS = {
     "beta_loss": {"grid": {"dpo.beta": [0.05, 0.1, 0.3], "dpo.loss": ["sigmoid", "ipo"]},
                   "seed": 0},

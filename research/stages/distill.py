@@ -9,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from ml_collections import ConfigDict
 
 from research.data import loader
@@ -18,7 +17,7 @@ from research.data import tokenizer as tokenizer_lib
 from research.errors import ConfigError
 from research.models.config import ModelConfig
 from research.models.decoder import Decoder, lm_head_kernel
-from research.models.peft import NO_PEFT, PeftConfig, split_trainable
+from research.models.peft import PeftConfig, split_trainable
 from research.objectives import distill as distill_math
 from research.parallel import activations as act
 from research.stages import pretrain, setup
