@@ -177,13 +177,14 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
         Decoder(student_cfg, peft).init(rng, tokens)["params"], peft)
     return trainable, {**frozen, TEACHER: Decoder(teacher_cfg).init(rng, tokens)["params"]}
 
-  # Fresh student: only the teacher's weights replace the init; a checkpoint student: both.
+  # Fresh student: only the teacher's weights replace the init; a checkpoint student: both. A
+  # resumed run restores its checkpoint instead (and one that never saved starts from these).
   base = {**(student_params or {}), TEACHER: teacher_params}
   sums = lambda det: distill_sums(student_cfg, teacher_cfg, peft, settings, det)  # noqa: E731
   spec = StageSpec(
       init_fn=init_fn, train_loss=distill_loss_fn(sums(False), settings.lm_weight),
       eval_loss=distill_loss_fn(sums(True), settings.lm_weight), train_rows=train_rows,
-      tokens_per_row=train_rows["inputs"].shape[1], base_params=None if resuming else base,
+      tokens_per_row=train_rows["inputs"].shape[1], base_params=base,
       make_evaluator=distill_evaluator(eval_rows, config.train.eval_batch_size,
                                        config.train.max_eval_batches, sums(True),
                                        settings.lm_weight),
