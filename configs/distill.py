@@ -1,0 +1,69 @@
+"""Knowledge-distillation configs: `--config=configs/distill.py:<preset>`.
+
+Presets:
+  stdlib  a fresh student (hidden 128, 2 layers) distilled from `teacher` (required: a workdir or
+          HF directory, e.g. runs/tiny from the pretraining example) on the Python stdlib corpus.
+  test    seconds-long run for tests (needs teacher and data.corpus).
+
+`distill.divergence`: forward_kl (KL(teacher || student)), reverse_kl (KL(student || teacher)) or
+jsd (GKD's generalised Jensen-Shannon with `beta`, the teacher's weight in the mixture), on
+distributions at `temperature`; `lm_weight` adds the student's LM loss on the data's tokens.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+from configs.sft import peft_config
+
+
+def base_config() -> ConfigDict:
+  return ConfigDict(dict(
+      stage="distill",
+      seed=0,
+      teacher="",  # a workdir or HF directory; frozen, any size the mesh holds
+      init="",  # the student: a workdir or HF directory; '' = fresh from `student`
+      student=common.model_config(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                                  mlp_dim=344),
+      peft=peft_config(method="none"),
+      data=ConfigDict(dict(
+          format="corpus",  # corpus (data.corpus, packed) or sft (data.path, response tokens)
+          corpus="",  # '' = the Python stdlib corpus
+          text_field="text", stdlib_max_bytes=2_000_000, path="", seq_len=256,
+          eval_fraction=0.03)),
+      distill=ConfigDict(dict(divergence="forward_kl", beta=0.5, temperature=1.0,
+                              lm_weight=0.0)),
+      train=common.train_config(steps=300, eval_every=50, log_every=10, sample_prompts=()),
+      optimizer=common.optimizer_config(lr=3e-3, warmup_steps=20),
+      mesh=common.mesh_config(),
+      # How to run a student given by `init`: dtype, remat, attention, ...
+      model=common.runtime_config(),
+  ))
+
+
+def _stdlib(c: ConfigDict) -> None:
+  del c
+
+
+def _test(c: ConfigDict) -> None:
+  c.student.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  c.data.update(seq_len=32, eval_fraction=0.1)
+  c.train.update(steps=30, eval_every=15, log_every=5, checkpoint_every=15, max_eval_batches=2)
+  c.optimizer.update(lr=1e-2, warmup_steps=2)
+
+
+PRESETS = {"stdlib": _stdlib, "test": _test}
+
+
+def get_config(preset: str = "stdlib") -> ConfigDict:
+  if preset not in PRESETS:
+    raise ValueError(f"unknown preset {preset!r} for configs/distill.py; choose one of "
+                     f"{sorted(PRESETS)}")
+  c = base_config()
+  PRESETS[preset](c)
+  return c
+
+
+SWEEPS = {
+    "divergence": {"grid": {"distill.divergence": ["forward_kl", "reverse_kl", "jsd"],
+                            "distill.temperature": [1.0, 2.0]}, "seed": 0},
+}
