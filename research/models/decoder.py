@@ -86,12 +86,10 @@ class Decoder(nn.Module):
     if n_virtual:
       x_bte, segment_ids_bt, positions_bt = self._prepend_soft_prompt(
           x_bte, segment_ids_bt, positions_bt, n_virtual)
-    # Built once here, read by every layer (see rotary_tables).
-    rope = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
     if cache is None:
-      x_bte = self._layers(x_bte, segment_ids_bt, rope)
+      x_bte = self._layers(x_bte, segment_ids_bt, positions_bt)
     else:
-      x_bte, new_cache = self._cached_layers(x_bte, segment_ids_bt, rope, cache)
+      x_bte, new_cache = self._cached_layers(x_bte, segment_ids_bt, positions_bt, cache)
     hidden_bte = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype,
                          name="final_norm")(x_bte)
     if n_virtual:
@@ -102,11 +100,17 @@ class Decoder(nn.Module):
       return logits_btv, hidden_bte
     return logits_btv, hidden_bte, new_cache
 
-  def _layers(self, x_bte, segment_ids_bt, rope):
+  def _rotary(self, positions_bt):
+    # Built once per call, read by every layer (see rotary_tables).
+    cfg = self.config
+    return rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+
+  def _layers(self, x_bte, segment_ids_bt, positions_bt):
     """Training and cacheless forward: each token attends to the tokens before it in its segment.
     The CPU path runs the layers on row slices (`layer_streams`)."""
     cfg = self.config
     mask_info = make_mask_info(cfg.attention, segment_ids_bt)
+    rope = self._rotary(positions_bt)
     streams = layer_streams(cfg, x_bte.shape[0])
     if streams == 1:
       return self._stack(DecoderBlock, x_bte, mask_info, rope)[0]
@@ -114,7 +118,7 @@ class Decoder(nn.Module):
     xs_bte, _ = self._stack(cpu_kernels.streamed(DecoderBlock), *slices)
     return cpu_kernels.merge_rows(xs_bte)
 
-  def _cached_layers(self, x_bte, segment_ids_bt, rope, cache: dict):
+  def _cached_layers(self, x_bte, segment_ids_bt, positions_bt, cache: dict):
     """Prefill (the prompt) or a decoding step (one token) with a KV cache: the tokens fill the
     cache's next slots and attend to every slot before them. Returns (x, the new cache)."""
     cfg = self.config
@@ -122,6 +126,7 @@ class Decoder(nn.Module):
     kv_segments_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bt,
                                                   (0, index))
     mask_info = make_mask_info(cfg.attention, segment_ids_bt, kv_segments_bs, index)
+    rope = self._rotary(positions_bt)
     x_bte, new_kv = self._stack(DecoderBlock, x_bte, mask_info, rope, (cache["k"], cache["v"]))
     return x_bte, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_segments_bs,
                    "index": index + x_bte.shape[1]}
