@@ -21,6 +21,7 @@ from research.models.config import ATTENTION as IMPLEMENTATIONS
 AUTO = {"cpu": "cpu_blocked", "gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
 # Where each fused kernel runs (the others run anywhere).
 PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+FUSED = tuple(PLATFORMS)
 
 
 def resolve(impl: str, platform: str | None = None) -> str:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from research.errors import ConfigError
 
-SPLASH_BLOCKS = (512, 256, 128)  # Mosaic wants key blocks a multiple of 128 lanes
+SPLASH_BLOCKS = (512, 256, 128)  # the kernel wants key blocks a multiple of 128 lanes
 
 
 def _zero_padding_queries(out_bthd, q_segments_bt):
@@ -33,14 +33,11 @@ def cudnn_attention(q_bthd, k_bskd, v_bskd, mask_b1ts, q_segments_bt, scale: flo
   return checkpoint_name(_zero_padding_queries(out_bthd, q_segments_bt), "attention")
 
 
-def splash_block(t: int, s: int, interpret: bool) -> int:
-  """The largest of SPLASH_BLOCKS dividing both lengths; interpret mode (tests on CPU) also takes
-  a whole short sequence as one block."""
+def splash_block(t: int, s: int) -> int:
+  """The largest of SPLASH_BLOCKS dividing both lengths."""
   for block in SPLASH_BLOCKS:
     if t % block == 0 and s % block == 0:
       return block
-  if interpret and t == s:
-    return t
   raise ConfigError(f"model.attention=splash needs a sequence length that is a multiple of "
                     f"{SPLASH_BLOCKS[-1]}, got {t}; set the data's sequence length to one or "
                     f"model.attention=reference")
@@ -70,7 +67,7 @@ def splash_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scal
   b, t, h, d = q_bthd.shape
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   groups = h // kv_heads
-  kernel = _splash_kernel(t, s, groups, splash_block(t, s, interpret), interpret)
+  kernel = _splash_kernel(t, s, groups, splash_block(t, s), interpret)
   # The kernel does not scale the scores.
   q_bkgtd = (q_bthd * scale).astype(q_bthd.dtype).reshape(b, t, kv_heads, groups, d)
   q_bkgtd = q_bkgtd.transpose(0, 2, 3, 1, 4)

@@ -14,7 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from research.models import cpu_kernels
-from research.models.attention import MaskInfo, attention, uses_cpu_kernels
+from research.models.attention import FUSED, MaskInfo, attention, resolve, uses_cpu_kernels
 from research.models.config import ModelConfig
 from research.models.peft import NO_PEFT, BottleneckAdapter, LoraDelta, PeftConfig
 from research.parallel import activations as act
@@ -146,8 +146,13 @@ class Attention(nn.Module):
       v_btkd = jax.lax.dynamic_update_slice(cache.v_bskd, v_btkd.astype(cache.v_bskd.dtype),
                                             (0, cache.index, 0, 0))
       new_cache = (k_btkd, v_btkd)
+    impl = cfg.attention
+    if self.is_initializing() and resolve(impl) in FUSED:
+      # The params do not depend on the kernel, and init traces dummy shapes (a few tokens) that
+      # the fused kernels' blocks may not divide.
+      impl = "reference"
     out_bthd = attention(q_bthd.astype(cfg.compute_dtype), k_btkd.astype(cfg.compute_dtype),
-                         v_btkd.astype(cfg.compute_dtype), mask_info, cfg.attention)
+                         v_btkd.astype(cfg.compute_dtype), mask_info, impl)
     base = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, name="o",
