@@ -156,21 +156,14 @@ class Decoder(nn.Module):
 
   def _logits(self, embed: nn.Embed, hidden_bte):
     cfg = self.config
-    if not uses_cpu_kernels(cfg.attention):
-      logits_btv = (embed.attend(hidden_bte) if cfg.tie_embeddings else
-                    nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                             param_dtype=cfg.weight_dtype, name="lm_head",
-                             kernel_init=logical(param_init(cfg), ("embed", "vocab")))(hidden_bte))
-    # Flat [tokens, E] input: the head's weight gradient then needs no transposed copy of the
-    # [tokens, V] logits gradient (see cpu_kernels.apply_flat).
-    elif cfg.tie_embeddings:
-      logits_btv = cpu_kernels.apply_flat(embed.attend, hidden_bte)
-    else:
-      logits_btv = cpu_kernels.apply_flat(
-          nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                   param_dtype=cfg.weight_dtype, name="lm_head",
-                   dot_general=cpu_kernels.xt_dot_general,
-                   kernel_init=logical(param_init(cfg), ("embed", "vocab"))), hidden_bte)
+    cpu = uses_cpu_kernels(cfg.attention)
+    head = embed.attend if cfg.tie_embeddings else nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        name="lm_head", dot_general=cpu_kernels.xt_dot_general if cpu else jax.lax.dot_general,
+        kernel_init=logical(param_init(cfg), ("embed", "vocab")))
+    # On the CPU path a flat [tokens, E] input: the head's weight gradient then needs no
+    # transposed copy of the [tokens, V] logits gradient (see cpu_kernels.apply_flat).
+    logits_btv = cpu_kernels.apply_flat(head, hidden_bte) if cpu else head(hidden_bte)
     return act.constrain(logits_btv, act.LOGITS)
 
   def _prepend_soft_prompt(self, x_bte, segment_ids_bt, positions_bt, n_virtual: int):
