@@ -21,13 +21,12 @@ def repo_data(name: str) -> str:
 
 def model_config(**overrides) -> ConfigDict:
   """Fields of research.models.config.ModelConfig, with its defaults (one place for them); here
-  vocab_size 0 takes the tokenizer's size, the architecture is "llama", the special-token ids
-  come from the tokenizer (not fields here), and the layers run as 2 row streams (the presets
-  run on CPU; see ModelConfig.layer_streams, and set 1 on accelerators)."""
+  vocab_size 0 takes the tokenizer's size, the architecture is "llama", and the special-token ids
+  come from the tokenizer (not fields here)."""
   fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)
             if f.name not in _FROM_TOKENIZER}
   c = ConfigDict({**fields, "vocab_size": 0, "head_dim": placeholder(int),
-                  "hf_architecture": "llama", "layer_streams": 2})
+                  "hf_architecture": "llama"})
   c.update(overrides)
   return c
 

@@ -16,8 +16,9 @@ from research.train.optimizer import make_optimizer
 from research.train.state import abstract_state, init_state
 from research.train.step import jit_train_step, make_train_step
 
+# One layer stream (on CPU 0 would pick 2), the reference the stream tests compare with.
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  mlp_dim=64)
+                  mlp_dim=64, layer_streams=1)
 OPT = ConfigDict(dict(lr=3e-3, warmup_steps=1, schedule="cosine", min_lr_ratio=0.1, b1=0.9,
                       b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from research.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
+ATTENTION = ("auto", "reference", "cpu_blocked", "cudnn", "splash")  # see models/attention.py
 HF_ARCHITECTURES = ("llama", "qwen2", "mistral")  # the Hugging Face model types this decoder matches
 # Fields that say how to run a model, not what it is: a stage started from `--config.init=DIR`
 # takes the architecture from DIR and these from the config's `model` section.
@@ -48,14 +49,19 @@ class ModelConfig:
   # 1.01-1.03x 512 at bench_train's S and 1.04x at M on CPU (2048: 0.98x at S); peak memory
   # +3% at S and +2% at M, and +0.2 GiB on the 8B FSDP plan.
   loss_chunk_tokens: int = 1024
+  # Which attention runs (research/models/attention.py): 'auto' picks the backend's kernel when the
+  # model is traced (cuDNN flash attention on GPU, Pallas splash attention on TPU, the CPU path's
+  # blocked kernel on CPU); 'reference' is the plain product; 'cpu_blocked', 'cudnn', 'splash' name
+  # one. 'cpu_blocked' also turns on the rest of the CPU path (research/models/cpu_kernels.py).
+  attention: str = "auto"
   # Each layer runs on this many independent slices of the batch's rows (each batch shard's rows
   # split evenly; 1 when they do not divide, and for cached decoding). Same math, row for row; the
   # slices' products and elementwise passes do not depend on each other, so a runtime can run them
-  # side by side. XLA:CPU runs most of a layer's operations on one thread each: 2 measured
-  # 1.04-1.07x at bench_train's S and 1.03x at M on 2 cores, and configs/common.py sets it for
-  # the launchers. Accelerators run one operation at a time on all their cores, where 1 keeps the
-  # products at full height; the layer body is traced once per stream (compile +15-25% at S).
-  layer_streams: int = 1
+  # side by side. 0 picks by the attention resolved: 2 on the CPU path, where XLA:CPU runs most of
+  # a layer's operations on one thread each (2 measured 1.04-1.07x at bench_train's S and 1.03x at
+  # M on 2 cores); 1 elsewhere, as accelerators run one operation at a time on all their cores and
+  # 1 keeps the products at full height. Each stream traces the layer body again (compile +15-25%).
+  layer_streams: int = 0
   # Token ids recorded for export and generation (None when unknown).
   bos_token_id: int | None = None
   eos_token_id: int | None = None
@@ -95,9 +101,11 @@ class ModelConfig:
     if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
       raise ConfigError(f"model.loss_chunk_tokens must be an integer >= 0 (0: no chunking), got "
                         f"{self.loss_chunk_tokens!r}")
-    if not isinstance(self.layer_streams, int) or self.layer_streams < 1:
-      raise ConfigError(f"model.layer_streams must be a positive integer, got "
+    if not isinstance(self.layer_streams, int) or self.layer_streams < 0:
+      raise ConfigError(f"model.layer_streams must be an integer >= 0 (0: by the attention in use), got "
                         f"{self.layer_streams!r}")
+    if self.attention not in ATTENTION:
+      raise ConfigError(f"model.attention={self.attention!r}; choose one of {ATTENTION}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"model.remat_policy={self.remat_policy!r}; choose one of {REMAT_POLICIES}")
     if self.hf_architecture is not None and self.hf_architecture not in HF_ARCHITECTURES:

@@ -13,9 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import cpu_kernels
+from research.models.attention import make_mask_info, uses_cpu_kernels
 from research.models.config import ModelConfig
-from research.models.layers import (DecoderBlock, RMSNorm, apply_flat, attention_mask, logical,
-                                    param_init, rotary_tables, xt_dot_general)
+from research.models.layers import DecoderBlock, RMSNorm, logical, param_init, rotary_tables
 from research.models.peft import NO_PEFT, PeftConfig
 from research.parallel import activations as act
 
@@ -26,8 +27,9 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # The weight matmuls' outputs, plus what attention's backward reads: the rotated q and k and
-    # attention's output with its row max and sum (names set in layers.py). Only norms and
-    # SwiGLU are recomputed; attention's forward is not run twice.
+    # attention's output with its row max and sum (names set in cpu_kernels.py; the fused kernels
+    # name theirs alike). Only norms and SwiGLU are recomputed; attention's forward is not run
+    # twice.
     "dots_attention": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names("attention", "rotary")),
@@ -49,26 +51,10 @@ def default_positions(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 def layer_streams(cfg: ModelConfig, rows: int) -> int:
-  """How many row slices the layers run on: `cfg.layer_streams` when every batch shard's rows
-  divide by it, else 1."""
-  k = cfg.layer_streams
-  return k if k > 1 and rows % (k * act.batch_shards()) == 0 else 1
-
-
-def split_rows(x, k: int):
-  """[B, ...] -> k arrays [B / k, ...]; slice i holds rows i, i + k, ... so each batch shard's
-  rows split locally (as `split_micro_batches` does). Pytrees of arrays give a tuple of pytrees."""
-  def split(a):
-    a = a.reshape(a.shape[0] // k, k, *a.shape[1:])
-    return tuple(a[:, i] for i in range(k))
-  leaves, treedef = jax.tree.flatten(x)
-  parts = [split(a) for a in leaves]
-  return tuple(jax.tree.unflatten(treedef, [p[i] for p in parts]) for i in range(k))
-
-
-def merge_rows(xs):
-  """The inverse of `split_rows`."""
-  return jnp.stack(xs, axis=1).reshape(-1, *xs[0].shape[1:])
+  """How many row slices the layers run on: `cfg.layer_streams` (0: 2 on the CPU path, 1
+  elsewhere) when every batch shard's rows divide by it, else 1."""
+  requested = cfg.layer_streams or (2 if uses_cpu_kernels(cfg.attention) else 1)
+  return cpu_kernels.stream_count(requested, rows)
 
 
 class Decoder(nn.Module):
@@ -80,14 +66,6 @@ class Decoder(nn.Module):
   config: ModelConfig
   peft: PeftConfig = NO_PEFT
   deterministic: bool = True
-
-  def _block(self):
-    cfg = self.config
-    block = DecoderBlock
-    if cfg.remat_policy != "none":
-      block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy],
-                       prevent_cse=not cfg.scan_layers)
-    return block
 
   @nn.compact
   def __call__(self, tokens_bt, segment_ids_bt=None, positions_bt=None, *,
@@ -108,62 +86,85 @@ class Decoder(nn.Module):
     if n_virtual:
       x_bte, segment_ids_bt, positions_bt = self._prepend_soft_prompt(
           x_bte, segment_ids_bt, positions_bt, n_virtual)
-
-    key_segments_bs = cache_index = layers_kv = None
     if cache is None:
-      mask_b1ts = attention_mask(segment_ids_bt)
+      x_bte = self._layers(x_bte, segment_ids_bt, positions_bt)
     else:
-      cache_index = cache["index"]
-      key_segments_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bt,
-                                                     (0, cache_index))
-      mask_b1ts = attention_mask(segment_ids_bt, key_segments_bs, cache_index)
-      layers_kv = (cache["k"], cache["v"])
-    # Built once here, read by every layer (see rotary_tables).
-    rope = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
-    block = self._block()
-    streams = layer_streams(cfg, x_bte.shape[0]) if cache is None else 1
-    if streams > 1:
-      x_bte, mask_b1ts, rope = (split_rows(a, streams) for a in (x_bte, mask_b1ts, rope))
-    if cfg.scan_layers:
-      x_bte, new_kv = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-          length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, peft, self.deterministic, name="layers")(
-          x_bte, mask_b1ts, rope, layers_kv, cache_index)
-    else:
-      new_kv_list = []
-      for i in range(cfg.num_layers):
-        layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
-        x_bte, kv = block(cfg, peft, self.deterministic, name=f"layers_{i}")(
-            x_bte, mask_b1ts, rope, layer_kv, cache_index)
-        new_kv_list.append(kv)
-      new_kv = None if layers_kv is None else jax.tree.map(lambda *xs: jnp.stack(xs),
-                                                             *new_kv_list)
-    if streams > 1:
-      x_bte = merge_rows(x_bte)
+      x_bte, new_cache = self._cached_layers(x_bte, segment_ids_bt, positions_bt, cache)
     hidden_bte = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype,
                          name="final_norm")(x_bte)
     if n_virtual:
       hidden_bte = hidden_bte[:, n_virtual:]
     hidden_bte = act.constrain(hidden_bte, act.RESIDUAL)
-    logits_btv = None
-    if compute_logits:
-      # Flat [tokens, E] input: the head's weight gradient then needs no transposed copy of the
-      # [tokens, V] logits gradient (see apply_flat).
-      if cfg.tie_embeddings:
-        logits_btv = apply_flat(embed.attend, hidden_bte)
-      else:
-        logits_btv = apply_flat(
-            nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.weight_dtype, name="lm_head", dot_general=xt_dot_general,
-                     kernel_init=logical(param_init(cfg), ("embed", "vocab"))), hidden_bte)
-      logits_btv = act.constrain(logits_btv, act.LOGITS)
+    logits_btv = self._logits(embed, hidden_bte) if compute_logits else None
     if cache is None:
       return logits_btv, hidden_bte
-    new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": key_segments_bs,
-                 "index": cache_index + x_bte.shape[1]}
     return logits_btv, hidden_bte, new_cache
+
+  def _rotary(self, positions_bt):
+    # Built once per call, read by every layer (see rotary_tables).
+    cfg = self.config
+    return rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+
+  def _layers(self, x_bte, segment_ids_bt, positions_bt):
+    """Training and cacheless forward: each token attends to the tokens before it in its segment.
+    The CPU path runs the layers on row slices (`layer_streams`)."""
+    cfg = self.config
+    mask_info = make_mask_info(cfg.attention, segment_ids_bt)
+    rope = self._rotary(positions_bt)
+    streams = layer_streams(cfg, x_bte.shape[0])
+    if streams == 1:
+      return self._stack(DecoderBlock, x_bte, mask_info, rope)[0]
+    slices = (cpu_kernels.split_rows(a, streams) for a in (x_bte, mask_info, rope))
+    xs_bte, _ = self._stack(cpu_kernels.streamed(DecoderBlock), *slices)
+    return cpu_kernels.merge_rows(xs_bte)
+
+  def _cached_layers(self, x_bte, segment_ids_bt, positions_bt, cache: dict):
+    """Prefill (the prompt) or a decoding step (one token) with a KV cache: the tokens fill the
+    cache's next slots and attend to every slot before them. Returns (x, the new cache)."""
+    cfg = self.config
+    index = cache["index"]
+    kv_segments_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bt,
+                                                  (0, index))
+    mask_info = make_mask_info(cfg.attention, segment_ids_bt, kv_segments_bs, index)
+    rope = self._rotary(positions_bt)
+    x_bte, new_kv = self._stack(DecoderBlock, x_bte, mask_info, rope, (cache["k"], cache["v"]))
+    return x_bte, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_segments_bs,
+                   "index": index + x_bte.shape[1]}
+
+  def _stack(self, block, x_bte, mask_info, rope, layers_kv=None):
+    """`block` once per layer, scanned or unrolled, under the remat policy. Returns (x, the
+    layers' new KV caches stacked, or None)."""
+    cfg, peft = self.config, self.peft
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy],
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      return nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, peft, self.deterministic, name="layers")(x_bte, mask_info, rope, layers_kv)
+    new_kv = []
+    for i in range(cfg.num_layers):
+      layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
+      x_bte, kv = block(cfg, peft, self.deterministic, name=f"layers_{i}")(
+          x_bte, mask_info, rope, layer_kv)
+      new_kv.append(kv)
+    if layers_kv is None:
+      return x_bte, None
+    return x_bte, jax.tree.map(lambda *xs: jnp.stack(xs), *new_kv)
+
+  def _logits(self, embed: nn.Embed, hidden_bte):
+    cfg = self.config
+    cpu = uses_cpu_kernels(cfg.attention)
+    head = embed.attend if cfg.tie_embeddings else nn.Dense(
+        cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        name="lm_head", dot_general=cpu_kernels.xt_dot_general if cpu else jax.lax.dot_general,
+        kernel_init=logical(param_init(cfg), ("embed", "vocab")))
+    # On the CPU path a flat [tokens, E] input: the head's weight gradient then needs no
+    # transposed copy of the [tokens, V] logits gradient (see cpu_kernels.apply_flat).
+    logits_btv = cpu_kernels.apply_flat(head, hidden_bte) if cpu else head(hidden_bte)
+    return act.constrain(logits_btv, act.LOGITS)
 
   def _prepend_soft_prompt(self, x_bte, segment_ids_bt, positions_bt, n_virtual: int):
     """Prompt tuning: n learned embeddings before each row, in the row's (single) segment."""

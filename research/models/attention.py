@@ -1,0 +1,138 @@
+"""Attention behind one switch: `attention(q, k, v, mask_info, impl)` runs the implementation that
+`model.attention` names, and `reference_attention` is the plain product every one is tested against.
+
+Every implementation is causal, grouped-query (query head h reads KV head h // (H / K)) and masks
+by segment ids: a query sees the keys of its own segment up to its own position; segment 0 is
+padding, never seen, and a query on it gets zeros.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+from research.errors import ConfigError
+from research.models import cpu_kernels, fused_attention
+from research.models.config import ATTENTION as IMPLEMENTATIONS
+# What 'auto' runs per backend: each backend's fused kernel; the plain product where none is known.
+AUTO = {"cpu": "cpu_blocked", "gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
+# Where each fused kernel runs (the others run anywhere).
+PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+FUSED = tuple(PLATFORMS)
+
+
+def resolve(impl: str, platform: str | None = None) -> str:
+  """The implementation `impl` names on `platform` (default: jax's default backend): a choice made
+  in Python when the model is traced, never a branch inside the program."""
+  if impl != "auto":
+    return impl
+  return AUTO.get(platform or jax.default_backend(), "reference")
+
+
+def uses_cpu_kernels(impl: str, platform: str | None = None) -> bool:
+  """Whether the model takes the CPU path (research/models/cpu_kernels.py) for its projections and
+  layer streams as well as its attention."""
+  return resolve(impl, platform) == "cpu_blocked"
+
+
+def check_backend(impl: str, dtype: str, platform: str | None = None) -> None:
+  """Stops a run at start when `impl` cannot run here; the message names an option that does."""
+  platform = platform or jax.default_backend()
+  name = resolve(impl, platform)
+  if name in PLATFORMS and platform not in PLATFORMS[name]:
+    raise ConfigError(f"model.attention={name} runs on {PLATFORMS[name][0]} only, not on "
+                      f"{platform}; set model.attention=auto")
+  if name == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ConfigError(f"model.attention=cudnn needs model.dtype bfloat16 or float16, got {dtype}; "
+                      f"set model.dtype=bfloat16 or model.attention=reference")
+
+
+class MaskInfo(NamedTuple):
+  """What attention masks by, built once per decoder call and read by every layer.
+
+  Segment ids rather than a dense mask: the fused kernels take segment ids. The dense mask is
+  built here as well only for the implementations that read one.
+  """
+  q_segments_bt: jax.Array  # int32 [B, T]
+  kv_segments_bs: jax.Array  # int32 [B, S]
+  # The KV cache's slot of query 0 (int32 []); None without a cache: queries and keys are then the
+  # same T positions.
+  q_offset: jax.Array | None = None
+  dense_b1ts: jax.Array | None = None  # bool [B, 1, T, S], see `dense_mask`
+
+
+def dense_mask(q_segments_bt: jax.Array, kv_segments_bs: jax.Array | None = None,
+               q_offset: jax.Array | int = 0) -> jax.Array:
+  """[B, 1, T, S] bool: causal, within one segment, never onto padding (segment id 0). Query t
+  sits at key slot `q_offset + t`; without `kv_segments_bs` the keys are the queries."""
+  if kv_segments_bs is None:
+    kv_segments_bs = q_segments_bt
+  t, s = q_segments_bt.shape[1], kv_segments_bs.shape[1]
+  causal_ts = (q_offset + jnp.arange(t))[:, None] >= jnp.arange(s)[None, :]
+  same_bts = q_segments_bt[:, :, None] == kv_segments_bs[:, None, :]
+  real_bs = (kv_segments_bs != 0)[:, None, :]
+  return (causal_ts[None] & same_bts & real_bs)[:, None]
+
+
+def _reads_dense(name: str, cached: bool) -> bool:
+  return name == "cpu_blocked" or (name == "cudnn" and not cached)
+
+
+def make_mask_info(impl: str, q_segments_bt: jax.Array, kv_segments_bs: jax.Array | None = None,
+                   q_offset: jax.Array | None = None) -> MaskInfo:
+  """The mask info for `impl`; without a cache (`q_offset` None) the keys are the queries."""
+  kv_segments_bs = q_segments_bt if kv_segments_bs is None else kv_segments_bs
+  dense_b1ts = None
+  if _reads_dense(resolve(impl), q_offset is not None):
+    dense_b1ts = dense_mask(q_segments_bt, kv_segments_bs, 0 if q_offset is None else q_offset)
+  return MaskInfo(q_segments_bt, kv_segments_bs, q_offset, dense_b1ts)
+
+
+def reference_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, *,
+                        q_offset: jax.Array | int = 0, scale: float | None = None):
+  """softmax(q k^T * scale, masked) v in plain einsums, the softmax in float32: q [B, T, H, D],
+  k and v [B, S, K, D] with K dividing H. Returns [B, T, H, D] in q's dtype."""
+  b, t, h, d = q_bthd.shape
+  kv_heads = k_bskd.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
+                            preferred_element_type=jnp.float32) * scale
+  mask_b11ts = dense_mask(q_segments_bt, kv_segments_bs, q_offset)[:, :, None]
+  scores_bkgts = jnp.where(mask_b11ts, scores_bkgts, jnp.finfo(jnp.float32).min)
+  probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskd.dtype)
+  out_btkgd = jnp.einsum("bkgts,bskd->btkgd", probs_bkgts, v_bskd)
+  visible_bt11 = (q_segments_bt != 0)[:, :, None, None]
+  return jnp.where(visible_bt11, out_btkgd.reshape(b, t, h, d), 0).astype(q_bthd.dtype)
+
+
+def attention(q_bthd, k_bskd, v_bskd, mask_info: MaskInfo, impl: str = "auto"):
+  """Causal grouped-query attention by the implementation `impl` resolves to; q [B, T, H, D],
+  k and v [B, S, K, D], returns [B, T, H, D]. The scale is 1 / sqrt(D).
+
+  With a KV cache (`mask_info.q_offset` set: prefill into a cache, or decoding) the queries sit
+  at an offset into the keys, which neither fused kernel's causal mask expresses: the CPU kernel
+  runs it on CPU, the reference elsewhere. Training and cacheless prefill run the fused kernels.
+  """
+  name = resolve(impl)
+  scale = q_bthd.shape[-1] ** -0.5
+  cached = mask_info.q_offset is not None
+  if name == "cpu_blocked":
+    # Without a cache the queries and keys are the same T positions under a causal mask.
+    blocks = 1 if cached else cpu_kernels.causal_blocks(q_bthd.shape[1])
+    return cpu_kernels.attend(q_bthd, k_bskd, v_bskd, mask_info.dense_b1ts, scale, blocks)
+  if name == "reference" or cached:
+    out_bthd = reference_attention(
+        q_bthd, k_bskd, v_bskd, mask_info.q_segments_bt, mask_info.kv_segments_bs,
+        q_offset=0 if mask_info.q_offset is None else mask_info.q_offset, scale=scale)
+    return checkpoint_name(out_bthd, "attention")
+  if name == "cudnn":
+    return fused_attention.cudnn_attention(q_bthd, k_bskd, v_bskd, mask_info.dense_b1ts,
+                                           mask_info.q_segments_bt, scale)
+  if name == "splash":
+    return fused_attention.splash_attention(q_bthd, k_bskd, v_bskd, mask_info.q_segments_bt,
+                                            mask_info.kv_segments_bs, scale)
+  raise ConfigError(f"model.attention={impl!r}; choose one of {IMPLEMENTATIONS}")
