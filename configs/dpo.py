@@ -1,7 +1,7 @@
 """DPO-family configs: `--config=configs/dpo.py:<preset>`.
 
 Presets:
-  hh_rlhf  DPO (sigmoid, beta 0.1) with LoRA r=8 on ../shared/data/hh_rlhf_harmless_test_500.jsonl,
+  hh_rlhf  DPO (sigmoid, beta 0.1) with LoRA r=8 on data/hh_rlhf_harmless_test_500.jsonl,
            100 pairs held out, the reference precomputed; with no `init` it first pretrains a small
            base on every training completion (chosen and rejected alike, so it prefers neither).
   test     seconds-long full fine-tune for tests (needs data.path).
@@ -41,7 +41,7 @@ def base_config() -> ConfigDict:
 
 
 def _hh_rlhf(c: ConfigDict) -> None:
-  c.data.update(path="../shared/data/hh_rlhf_harmless_test_500.jsonl", long_prompts="truncate")
+  c.data.update(path=common.repo_data("hh_rlhf_harmless_test_500.jsonl"), long_prompts="truncate")
   c.peft.update(method="lora", r=8, alpha=16.0, dropout=0.0,
                 targets=("q", "k", "v", "o", "gate", "up", "down"))
   c.optimizer.lr = 3e-4

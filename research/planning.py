@@ -3,6 +3,7 @@ accelerators, from the step compiled on abstract shapes (jax.eval_shape: no weig
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -144,26 +145,52 @@ def attention_kernels(calls: dict[str, int]) -> list[str]:
 def for_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
   """`cfg` with its backend-dependent choices (attention, layer streams) made for `platform`
   instead of for the host this process runs on."""
-  changes = {}
-  if hasattr(cfg, "attention"):
-    from research.models import attention as attention_lib  # pylint: disable=import-outside-toplevel
-    changes["attention"] = attention_lib.resolve(cfg.attention, platform)
-  if cfg.layer_streams == 0:
-    changes["layer_streams"] = 1
-  return cfg.replace(**changes) if changes else cfg
+  from research.models import attention as attention_lib  # pylint: disable=import-outside-toplevel
+  return cfg.replace(attention=attention_lib.resolve(cfg.attention, platform, cfg.dtype))
 
 
 def exported_step(config: ConfigDict, cfg: ModelConfig, peft: PeftConfig, mesh: Mesh,
-                  rules: Rules, global_batch: int, micro_batches: int, platform: str):
-  """The train step exported (lowered, not compiled) for `platform` ("cuda" or "tpu") with the
-  model's choices made for that platform: the program the target would run."""
+                  rules: Rules, global_batch: int, micro_batches: int, platform: str
+                  ) -> tuple[str, ModelConfig]:
+  """(StableHLO text of the train step lowered for `platform` ("cuda" or "tpu"), the model config
+  it ran): the model's choices made for that platform, the program the target would run."""
   target = for_platform(cfg, platform)
   built = build_step(init_fn=decoder_init(target, peft), optimizer=config.optimizer,
                      total_steps=config.train.steps, mesh=mesh, rules=rules,
                      loss_fn=lm_loss_fn(target, peft, deterministic=False),
                      micro_batches=micro_batches)
   batch = abstract_batch(global_batch, seq_len_of(config), built.batch_sharding)
-  return jax.export.export(built.train_step, platforms=[platform])(built.abstract, batch), target
+  with _cudnn_version_for_lowering(platform):
+    # Lowered, not serialised: cuDNN attention's sharding rules are Python callbacks, which a
+    # jax.export serialisation refuses; the module text is the same.
+    lowered = built.train_step.trace(built.abstract, batch).lower(lowering_platforms=(platform,))
+  return lowered.as_text(), target
+
+
+@contextlib.contextmanager
+def _cudnn_version_for_lowering(platform: str, version: int = 90800):
+  """jax asks the local cuDNN for its version when it traces cuDNN attention, and a CPU host has
+  none: for a "cuda" export from such a host, answer with a recent version (the lowering does not
+  depend on it beyond feature checks) so the target's program can be inspected."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as fa  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    yield
+    return
+  try:
+    fa.check_cudnn_version()
+    has_cudnn = True
+  except RuntimeError:
+    has_cudnn = False
+  if platform != "cuda" or has_cudnn:
+    yield
+    return
+  original = fa.check_cudnn_version
+  fa.check_cudnn_version = lambda: version
+  try:
+    yield
+  finally:
+    fa.check_cudnn_version = original
 
 
 def shard_bytes(tree: Any) -> int:
@@ -399,8 +426,15 @@ def plan_step(config: ConfigDict, accelerator: str | Accelerator, devices: int |
   if gb % (micro * shards):
     raise ConfigError(f"train.global_batch={gb} is not divisible by micro_batches={micro} x the "
                       f"{shards} batch shards of mesh {dict(mesh.shape)}")
-  exported, target = exported_step(config, cfg, peft, mesh, rules, gb, micro, acc.platform)
-  calls = custom_calls(exported.mlir_module())
+  module, target = exported_step(config, cfg, peft, mesh, rules, gb, micro, acc.platform)
+  calls = custom_calls(module)
+  if "CustomSPMDPartitioning" in calls:
+    # A kernel with its own sharding rules (cuDNN attention) becomes its custom call only when
+    # partitioned; on one device it is inlined, so one device's share of the step names it.
+    one = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, available[:1])
+    inner, _ = exported_step(config, cfg, peft, one, rules, gb // shards // micro, 1,
+                             acc.platform)
+    calls.update({k: v for k, v in custom_calls(inner).items() if k not in calls})
   # Memory and FLOPs come from the step compiled here, on host CPU devices, so with a kernel the
   # host can compile: the target's fused kernel keeps the same per-row statistics.
   cfg = for_platform(cfg, "cpu")
@@ -437,4 +471,4 @@ def plan_step(config: ConfigDict, accelerator: str | Accelerator, devices: int |
       flops_method=flops_method, flops_model={k: v / n for k, v in model.items()},
       traffic_floor=hbm_traffic_floor(cfg, mesh, micro, trained // 4, estimate),
       xla_bytes_accessed=xla_bytes, compile_s=compile_s,
-      attention=getattr(target, "attention", "cpu_blocked"), custom_calls=calls)
+      attention=target.attention, custom_calls=calls)

@@ -161,7 +161,11 @@ def test_options_that_cannot_run_stop_at_start_naming_one_that_does():
   with pytest.raises(ConfigError, match="runs on tpu only.*model.attention=auto"):
     attn.check_backend("splash", "float32", "cpu")
   with pytest.raises(ConfigError, match="bfloat16.*model.attention=reference"):
-    attn.check_backend("auto", "float32", "gpu")
+    attn.check_backend("cudnn", "float32", "gpu")
+  # `auto` on a float32 GPU run takes the reference: cuDNN takes 16-bit inputs only.
+  attn.check_backend("auto", "float32", "gpu")
+  assert attn.resolve("auto", "gpu", "float32") == "reference"
+  assert attn.resolve("auto", "gpu", "bfloat16") == "cudnn"
   attn.check_backend("auto", "bfloat16", "gpu")
   attn.check_backend("auto", "float32", "tpu")
   with pytest.raises(ConfigError, match="multiple of 128.*model.attention=reference"):
@@ -204,3 +208,26 @@ def test_the_plain_model_equals_the_cpu_path():
   ref = _prefill_and_step(cfg.replace(attention="reference"), params, tokens, segments)
   for name, a, b in zip(("forward", "prefill", "decode"), ref, cpu):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+def test_splash_on_a_mesh_runs_per_device_and_equals_the_reference():
+  """Mosaic kernels are not partitioned by XLA: on a (2, 1, 2) mesh the kernel runs on each
+  device's rows and KV heads (shard_map), and forward and gradients equal the reference."""
+  from research.parallel.activations import activation_sharding
+  from research.parallel.mesh import make_mesh
+  from research.parallel.rules import DEFAULT_RULES
+  mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
+  q, k, v, w = _qkvw(2, jnp.float32)
+  seg = jnp.asarray(SEGMENTS)
+  (_, ref_grads), ref_out = _value_and_grads(
+      lambda q, k, v: attn.reference_attention(q, k, v, seg, seg), q, k, v, w)
+
+  def sharded(q, k, v):
+    with activation_sharding(mesh, DEFAULT_RULES):
+      return _splash(q, k, v)
+  (_, grads), out = _value_and_grads(sharded, q, k, v, w)
+  text = jax.jit(sharded).lower(q, k, v).as_text()
+  assert "shard_map" in text or "manual" in text
+  np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)

@@ -114,7 +114,8 @@ def test_custom_calls_of_a_lowered_module():
 
 
 def test_plan_cli_runs_from_a_plain_shell():
-  """No XLA_FLAGS: the CLI sets the host device count itself, though the config imports jax."""
+  """No XLA_FLAGS: the CLI sets the host device count itself, though the config imports jax; the
+  plan names the attention kernel of the step lowered for the target GPU."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   small = ["--config.model.num_layers=1", "--config.model.hidden_size=64",
            "--config.model.mlp_dim=128", "--config.model.num_heads=4",
@@ -125,7 +126,9 @@ def test_plan_cli_runs_from_a_plain_shell():
                          "--fast", *small], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "on 8 x NVIDIA H100 SXM" in proc.stdout and "attention on cuda" in proc.stdout
+  assert "on 8 x NVIDIA H100 SXM" in proc.stdout
+  # The step lowered for the GPU holds cuDNN's fused attention, forward and backward.
+  assert "attention on cuda: cudnn" in proc.stdout and "__cudnn$fmha" in proc.stdout
   assert "usable" in proc.stdout
 
 

@@ -8,7 +8,7 @@ padding, never seen, and a query on it gets zeros.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
@@ -24,12 +24,16 @@ PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 FUSED = tuple(PLATFORMS)
 
 
-def resolve(impl: str, platform: str | None = None) -> str:
-  """The implementation `impl` names on `platform` (default: jax's default backend): a choice made
-  in Python when the model is traced, never a branch inside the program."""
+def resolve(impl: str, platform: str | None = None, dtype: Any = None) -> str:
+  """The implementation `impl` names on `platform` (default: jax's default backend) for inputs of
+  `dtype`: a choice made in Python when the model is traced, never a branch inside the program.
+  `auto` takes the reference where cuDNN would get inputs wider than 16 bits, which it refuses."""
   if impl != "auto":
     return impl
-  return AUTO.get(platform or jax.default_backend(), "reference")
+  name = AUTO.get(platform or jax.default_backend(), "reference")
+  if name == "cudnn" and dtype is not None and jnp.dtype(dtype).itemsize > 2:
+    return "reference"
+  return name
 
 
 def uses_cpu_kernels(impl: str, platform: str | None = None) -> bool:
@@ -41,7 +45,7 @@ def uses_cpu_kernels(impl: str, platform: str | None = None) -> bool:
 def check_backend(impl: str, dtype: str, platform: str | None = None) -> None:
   """Stops a run at start when `impl` cannot run here; the message names an option that does."""
   platform = platform or jax.default_backend()
-  name = resolve(impl, platform)
+  name = resolve(impl, platform, dtype)
   if name in PLATFORMS and platform not in PLATFORMS[name]:
     raise ConfigError(f"model.attention={name} runs on {PLATFORMS[name][0]} only, not on "
                       f"{platform}; set model.attention=auto")
@@ -117,7 +121,7 @@ def attention(q_bthd, k_bskd, v_bskd, mask_info: MaskInfo, impl: str = "auto"):
   at an offset into the keys, which neither fused kernel's causal mask expresses: the CPU kernel
   runs it on CPU, the reference elsewhere. Training and cacheless prefill run the fused kernels.
   """
-  name = resolve(impl)
+  name = resolve(impl, dtype=q_bthd.dtype)
   scale = q_bthd.shape[-1] ** -0.5
   cached = mask_info.q_offset is not None
   if name == "cpu_blocked":

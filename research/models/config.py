@@ -39,15 +39,11 @@ class ModelConfig:
   scan_layers: bool = True
   # What the backward pass recomputes instead of keeping. 'dots_attention' keeps the projections'
   # outputs, the rotated q/k and attention's output and row statistics, and recomputes norms and
-  # SwiGLU. On CPU, where the residuals' memory traffic costs more than elementwise recompute,
-  # bench_train measured it 1.10x 'dots_no_batch' at size M (about even at S), with less memory
-  # than 'none'; on accelerators it is the usual memory/compute trade.
+  # SwiGLU: elementwise recompute is cheaper than the residuals' memory traffic.
   remat_policy: str = "dots_attention"
   # Training losses run the LM head over about this many tokens per device at a time (0: all at
   # once), so the [tokens, vocab] logits and their gradient are never whole in memory; see
-  # objectives.lm.chunked_head_nll_sum. With chunks of consecutive tokens, 1024 measured
-  # 1.01-1.03x 512 at bench_train's S and 1.04x at M on CPU (2048: 0.98x at S); peak memory
-  # +3% at S and +2% at M, and +0.2 GiB on the 8B FSDP plan.
+  # objectives.lm.chunked_head_nll_sum (docs/performance.md has the trade-off measured).
   loss_chunk_tokens: int = 1024
   # Which attention runs (research/models/attention.py): 'auto' picks the backend's kernel when the
   # model is traced (cuDNN flash attention on GPU, Pallas splash attention on TPU, the CPU path's
@@ -58,9 +54,9 @@ class ModelConfig:
   # split evenly; 1 when they do not divide, and for cached decoding). Same math, row for row; the
   # slices' products and elementwise passes do not depend on each other, so a runtime can run them
   # side by side. 0 picks by the attention resolved: 2 on the CPU path, where XLA:CPU runs most of
-  # a layer's operations on one thread each (2 measured 1.04-1.07x at bench_train's S and 1.03x at
-  # M on 2 cores); 1 elsewhere, as accelerators run one operation at a time on all their cores and
-  # 1 keeps the products at full height. Each stream traces the layer body again (compile +15-25%).
+  # a layer's operations on one thread each; 1 elsewhere, as accelerators run one operation at a
+  # time on all their cores and 1 keeps the products at full height. Each stream traces the layer
+  # body again (a longer compile).
   layer_streams: int = 0
   # Token ids recorded for export and generation (None when unknown).
   bos_token_id: int | None = None

@@ -25,7 +25,7 @@ def apply_flat(layer: Callable[[jax.Array], jax.Array], x: jax.Array, feature_ax
 
   The params are the same; what changes is the weight gradient, which then contracts a single
   token axis. Contracting [B, T] makes XLA:CPU's dot canonicalisation write a transposed copy of
-  the output gradient (fused with its producer, strided): ~20% of a train step at PERF-NOTES' S.
+  the output gradient (fused with its producer, strided), a large share of a small model's step.
   """
   lead = x.shape[:x.ndim - feature_axes]
   y = layer(x.reshape((-1,) + x.shape[x.ndim - feature_axes:]))
@@ -46,8 +46,8 @@ def _matmul_tx_bwd(res, g_nf):
   dx_ne = jax.lax.dot_general(g_nf, w_ef, (((1,), (1,)), ((), ())))
   # x^T laid out row-major before the product: XLA otherwise folds the transpose into the dot as
   # a contraction over the operands' leading (token) axis, which XLA:CPU hands to Eigen at about
-  # half the rate of the same GEMM on row-major operands (a wide head: 76 vs 162 GFLOP/s at
-  # [2048 x 256] x [2048 x 8192]). The copy is of the narrow activation, not of the [N, V] gradient.
+  # half the rate of the same GEMM on row-major operands (docs/performance.md). The copy is of the
+  # narrow activation, not of the [N, V] gradient.
   x_en = jax.lax.optimization_barrier(x_ne.T)
   return dx_ne, jnp.dot(x_en, g_nf).astype(w_ef.dtype)
 
@@ -72,7 +72,7 @@ def xt_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elemen
 def _head_major(x_bthd):
   """[B, T, H, D] -> [B, H, T, D], materialised: every block's products then read contiguous
   rows. Left to XLA, the transposes fold into each product and XLA:CPU lays each block's keys out
-  again (time innermost) per product: attention ran 1.15x (S) to 1.3x (M) slower."""
+  again (time innermost) per product, which slows attention (docs/performance.md)."""
   return jax.lax.optimization_barrier(jnp.swapaxes(x_bthd, 1, 2))
 
 

@@ -7,11 +7,16 @@ same semantics as `attention.reference_attention`: a query on padding gets zeros
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from research.errors import ConfigError
+from research.parallel import activations as act
+from research.parallel.rules import logical_to_spec
 
 SPLASH_BLOCKS = (512, 256, 128)  # the kernel wants key blocks a multiple of 128 lanes
 
@@ -63,6 +68,26 @@ def splash_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scal
   needs that); their outputs are then zeroed. `interpret` runs the kernel's Pallas program with
   plain XLA operations, on any backend.
   """
+  sharded = act.active()
+  if sharded is None:
+    return _splash_local(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale,
+                         interpret)
+  # Mosaic kernels are not partitioned by XLA: each device runs the kernel on its own rows and
+  # KV heads (with the query heads that read them); every device holds all of the sequence.
+  mesh, rules = sharded
+  kv_spec = logical_to_spec(act.KV_HEADS, k_bskd.shape, mesh, rules)
+  kv_spec = P(kv_spec[0], None, kv_spec[2], None)
+  q_spec = P(kv_spec[0], None, kv_spec[2], None)  # query heads split as their KV heads are
+  seg_spec = P(kv_spec[0], None)
+  local = functools.partial(_splash_local, scale=scale, interpret=interpret)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
+                       out_specs=q_spec, check_vma=False)(
+                           q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs)
+
+
+def _splash_local(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale: float,
+                  interpret: bool = False):
+  """`splash_attention` on the arrays as given (one device's shard, or unsharded)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   b, t, h, d = q_bthd.shape
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]

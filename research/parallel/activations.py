@@ -43,6 +43,12 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) a step is being traced under, or None (outside a step, or one device)."""
+  current = _ACTIVE.get()
+  return None if current is None or current[0].size == 1 else current
+
+
 def batch_shards() -> int:
   """How many shards the active rules split the batch into (1 outside a step)."""
   active = _ACTIVE.get()

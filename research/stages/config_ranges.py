@@ -60,7 +60,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("model", "num_kv_heads"): at_least(1), ("model", "mlp_dim"): at_least(1),
     ("model", "head_dim"): at_least(1), ("model", "max_position_embeddings"): at_least(1),
     ("model", "rms_norm_eps"): above(0), ("model", "rope_theta"): above(0),
-    ("model", "layer_streams"): at_least(1), ("model", "loss_chunk_tokens"): at_least(0),
+    ("model", "layer_streams"): at_least(0), ("model", "loss_chunk_tokens"): at_least(0),
     # PEFT
     ("peft", "r"): at_least(1), ("peft", "alpha"): above(0),
     ("peft", "dropout"): within(0, 1, open_hi=True),

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from research.errors import ConfigError, UserError
+from research.models import attention as attention_lib
 from research.models.config import RUNTIME_FIELDS, ModelConfig
 from research.stages.config_ranges import check_config_ranges
 from research.parallel.mesh import make_mesh
@@ -42,9 +43,13 @@ def rules_from(config: ConfigDict) -> Rules:
 
 
 def prepare_run(config: ConfigDict, workdir: str, resume: Resume) -> tuple[Mesh, Rules]:
-  """What every stage checks first: the config's ranges, the workdir (never clobbered), the mesh
+  """What every stage checks first: the config's ranges, an attention this backend runs, the
+  workdir (never clobbered), the mesh
   and its rules, and a global batch that splits over micro-batches, batch shards and processes."""
   check_config_ranges(config)
+  model = config.get("model")
+  if model is not None and "attention" in model:  # an attention this backend cannot run
+    attention_lib.check_backend(model.attention, model.get("dtype", "float32"))
   os.makedirs(workdir, exist_ok=True)
   check_workdir(workdir, resume)
   mesh, rules = mesh_from(config), rules_from(config)
