@@ -93,13 +93,22 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, schedule:
     rng = jax.random.fold_in(state.rng, state.step)
     grads, num, den, aux = mean_gradients(loss_fn, state.params, state.frozen, batch, rng,
                                           micro_batches)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": num / den, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step), "loss_tokens": den, **aux}
+    loss, grad_norm = num / den, optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(_):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), opt_state
+
+    # The update runs only on a finite step: a conditional, not a selection between the new and
+    # the old state after the fact, which would be one more pass over every param and moment.
+    params, opt_state = jax.lax.cond(ok, update, lambda _: (state.params, state.opt_state), None)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "loss_tokens": den, **aux, FINITE: ok.astype(jnp.float32)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
+  train_step.guards_non_finite = True  # see guard_non_finite
   return train_step
 
 
@@ -112,6 +121,9 @@ def guard_non_finite(step_fn: Callable[[TrainState, Batch], tuple[TrainState, di
   """`step_fn` that keeps the old params and optimizer state when its loss or gradient norm is
   not finite (the step counter still advances, so schedule and data stay aligned with the loop),
   and reports `metrics[FINITE]`. A selection inside the step: no host round trip."""
+
+  if getattr(step_fn, "guards_non_finite", False):  # make_train_step's own conditional update
+    return step_fn
 
   def guarded(state: TrainState, batch: Batch):
     new_state, metrics = step_fn(state, batch)
