@@ -231,3 +231,23 @@ def test_splash_on_a_mesh_runs_per_device_and_equals_the_reference():
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
   for g, r in zip(grads, ref_grads):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention runs on a GPU only "
+                    "(its lowering is tested above on any host)")
+def test_cudnn_equals_the_reference_on_a_gpu():
+  """On a GPU: cuDNN's forward and gradients in bfloat16 equal the float32 reference of the same
+  inputs, with grouped-query heads, packed rows and left padding (scripts/gpu_check.sh runs it)."""
+  q, k, v, w = _qkvw(2, jnp.bfloat16, d=64)
+  seg = jnp.asarray(SEGMENTS)
+  reference = lambda q, k, v: attn.reference_attention(q, k, v, seg, seg)
+  (_, ref_grads), ref_out = _value_and_grads(
+      reference, *(x.astype(jnp.float32) for x in (q, k, v)), w)
+
+  def cudnn(q, k, v):
+    return attn.attention(q, k, v, attn.make_mask_info("cudnn", seg), "cudnn")
+  (_, grads), out = _value_and_grads(cudnn, q, k, v, w)
+  scale = float(jnp.max(jnp.abs(ref_out)))
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref_out, atol=2e-2 * scale)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=2e-2 * float(jnp.max(jnp.abs(r))))
