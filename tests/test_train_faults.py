@@ -189,3 +189,37 @@ def test_curve_panels_cover_loss_lr_and_stage_metrics():
   assert curve_panels(records) == [("loss", ["train/loss", "eval/loss"]),
                                    ("learning rate", ["train/lr"]),
                                    ("eval/accuracy", ["eval/accuracy"])]
+
+
+def test_sigterm_in_a_post_training_stage_resumes_as_the_straight_run(
+    straight, tmp_path, monkeypatch):
+  """The same for SFT (LoRA from the pretrained workdir): the stop, the checkpoint at the step
+  reached, and a resume that logs what the straight run logs."""
+  from configs.sft import get_config as sft_config
+  from research.stages import sft
+  records = tmp_path / "sft.jsonl"
+  records.write_text("".join(json.dumps({"instruction": f"def f{i}(x):", "input": "",
+                                         "output": f"return x + {i}"}) + "\n" for i in range(24)))
+
+  def config():
+    c = sft_config("test")
+    c.init, c.data.path = str(straight), str(records)
+    c.data.update(seq_len=32, eval_fraction=0.0)
+    c.train.update(steps=6, checkpoint_every=2, eval_every=0, log_every=1, sample_tokens=1)
+    return c
+
+  sft.run(config(), str(tmp_path / "straight"))
+
+  class KillAtStep3(ProgressLogger):
+    def update(self, step, metrics, tokens=0):
+      if step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return super().update(step, metrics, tokens)
+
+  monkeypatch.setattr(setup, "ProgressLogger", KillAtStep3)
+  with pytest.raises(Preempted, match=r"stopped by SIGTERM after step \d/6") as info:
+    sft.run(config(), str(tmp_path / "run"))
+  monkeypatch.undo()
+  assert str(info.value.step) in os.listdir(tmp_path / "run" / "checkpoints")
+  sft.run(config(), str(tmp_path / "run"), resume=True)
+  assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
