@@ -223,3 +223,18 @@ def test_sigterm_in_a_post_training_stage_resumes_as_the_straight_run(
   assert str(info.value.step) in os.listdir(tmp_path / "run" / "checkpoints")
   sft.run(config(), str(tmp_path / "run"), resume=True)
   assert _losses(tmp_path / "run") == _losses(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo", "dpo", "distill", "grpo"])
+def test_every_numeric_field_of_every_preset_has_a_range(stage):
+  """A numeric config field without a rule would go unchecked: every preset's fields have one, and
+  every preset lies within them."""
+  import importlib
+  from research.stages.config_ranges import RANGES, _numeric_leaves
+  module = importlib.import_module(f"configs.{stage}")
+  for preset in module.PRESETS:
+    config = module.get_config(preset)
+    check_config_ranges(config)
+    unruled = [".".join(p) for p, _ in _numeric_leaves(config)
+               if (p[-2] if len(p) > 1 else "", p[-1]) not in RANGES]
+    assert not unruled, f"configs/{stage}.py:{preset}: no range for {unruled}"

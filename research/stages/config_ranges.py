@@ -76,7 +76,27 @@ RANGES: dict[tuple[str, str], Range] = {
     ("sampling", "top_k"): at_least(0),
     ("sampling", "top_p"): Range(lambda v: 0 < v <= 1, "in (0, 1]"),
     ("mesh", "data"): _MESH_AXIS, ("mesh", "fsdp"): _MESH_AXIS, ("mesh", "tensor"): _MESH_AXIS,
+    ("", "seed"): at_least(0), ("base", "seed"): at_least(0),
+    ("reward_training", "seed"): at_least(0),
+    # reward model
+    ("loss", "center_coef"): at_least(0),
+    # DPO family
+    ("dpo", "beta"): above(0), ("dpo", "gamma"): at_least(0),
+    ("dpo", "label_smoothing"): within(0, 0.5, open_hi=True),
+    # distillation (the student's model fields as the model's)
+    ("distill", "beta"): within(0, 1), ("distill", "lm_weight"): at_least(0),
+    ("distill", "temperature"): above(0),
+    # GRPO and its task
+    ("grpo", "beta"): at_least(0), ("grpo", "epsilon_low"): within(0, 1, open_hi=True),
+    ("grpo", "epsilon_high"): above(0), ("grpo", "group_size"): at_least(2),
+    ("grpo", "iterations"): at_least(1), ("reward", "max_chars"): at_least(1),
+    ("task", "eval_count"): at_least(1), ("task", "train_count"): at_least(1),
+    ("task", "max_prompt_len"): at_least(1), ("task", "max_value"): at_least(1),
+    ("task", "operations"): at_least(1),
 }
+# The distillation student's section takes the model's rules.
+RANGES.update({("student", name): rule for (section, name), rule in list(RANGES.items())
+               if section == "model"})
 
 
 def _numeric_leaves(config: ConfigDict, path: tuple[str, ...] = ()):
