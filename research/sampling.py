@@ -25,6 +25,14 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1 = off
   stop_tokens: tuple[int, ...] = ()
+  # Print "decoded i/N tokens" to stderr every this many tokens (0: never). One host callback per
+  # print, none in between: for long generations that would otherwise be silent until they end.
+  progress_every: int = 0
+
+
+def _report_progress(i, n: int) -> None:
+  import sys  # pylint: disable=import-outside-toplevel
+  print(f"decoded {int(i)}/{n} tokens", file=sys.stderr, flush=True)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +178,10 @@ def _generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, 
         {"params": params}, tok_b[:, None], jnp.ones((b, 1), jnp.int32),
         (pos_b + virtual)[:, None], cache=cache, prefill=False)
     state, tok_b = emit(state, logits_b1v[:, 0], jax.random.fold_in(rng, state[3]))
+    if sampling.progress_every:
+      i = state[3]
+      jax.lax.cond(i % sampling.progress_every == 0,
+                   lambda: jax.debug.callback(_report_progress, i, n), lambda: None)
     return state, tok_b, pos_b + 1, _per_layer(cache, cfg.num_layers)
 
   state, _, _, _ = jax.lax.while_loop(

@@ -50,6 +50,9 @@ class Completion:
   stop_reason: str  # "stop_token", "stop_string" or "length"
 
 
+# Generations at least this long report progress every PROGRESS_EVERY tokens (stderr).
+LONG, PROGRESS_EVERY = 1024, 256
+
 def read_prompts(prompts: Sequence[str], prompts_file: str | None) -> list[str]:
   """--prompt values, then the file's: one per line (blank lines skipped), or .jsonl "prompt"s."""
   out = list(prompts)
@@ -208,7 +211,8 @@ def complete(params: Any, cfg, peft, tokenizer, prompts: Sequence[str], *, max_n
     if len(ids) == 1:
       early.add(ids[0])
   sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, stop_tokens=tuple(sorted(early)))
+                            top_p=top_p, stop_tokens=tuple(sorted(early)),
+                            progress_every=PROGRESS_EVERY if max_new_tokens >= LONG else 0)
   empty = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
   encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] or [empty]
              for p in prompts]
@@ -318,9 +322,10 @@ def check_length(cfg, tokenizer, prompts: Sequence[str], args: argparse.Namespac
                               args.max_new_tokens, free_memory_bytes())
   if error:
     raise ConfigError(error)
-  if args.max_new_tokens >= 1024:  # one compiled loop: nothing to show until it ends
+  if args.max_new_tokens >= LONG:
     print(f"decoding up to {args.max_new_tokens} new tokens per prompt in one compiled loop; "
-          "output comes when it ends", file=sys.stderr, flush=True)
+          f"progress every {PROGRESS_EVERY} tokens, the output when it ends", file=sys.stderr,
+          flush=True)
 
 
 def run(args: argparse.Namespace) -> list[Completion]:

@@ -114,3 +114,16 @@ def test_prompt_tuning_decoding_matches_full_forward():
 def test_left_pad_layout():
   tokens, segments = left_pad([[1, 2], [3]], pad_id=9)
   assert tokens.tolist() == [[1, 2], [9, 3]] and segments.tolist() == [[1, 1], [0, 1]]
+
+
+def test_long_generations_report_progress_and_decode_the_same(capfd):
+  """`progress_every` prints from inside the compiled loop and changes no token."""
+  params = _params()
+  prompts = [[5, 6, 7], [3, 4]]
+  plain = generate(params, CFG, prompts, SamplingConfig(max_new_tokens=9), pad_id=0)
+  capfd.readouterr()
+  shown = generate(params, CFG, prompts, SamplingConfig(max_new_tokens=9, progress_every=4),
+                   pad_id=0)
+  assert shown == plain
+  err = capfd.readouterr().err
+  assert "decoded 4/9 tokens" in err and "decoded 8/9 tokens" in err
