@@ -238,3 +238,22 @@ def test_every_numeric_field_of_every_preset_has_a_range(stage):
     unruled = [".".join(p) for p, _ in _numeric_leaves(config)
                if (p[-2] if len(p) > 1 else "", p[-1]) not in RANGES]
     assert not unruled, f"configs/{stage}.py:{preset}: no range for {unruled}"
+
+
+def test_processes_agree_on_the_stop_step(monkeypatch):
+  """On several processes the stop request is shared at every sync step (an allgather of each
+  process's flag): a process that got no signal stops after the same step as the one that did,
+  and none stops between sync steps. The allgather is faked here as process 1 having the signal."""
+  from jax.experimental import multihost_utils
+  from research.train.preemption import StopSignals
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  gathered = []
+
+  def allgather(flag):
+    gathered.append(int(flag))
+    return np.array([int(flag), 1])  # [this process (0), process 1 (signalled)]
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  stops = StopSignals(sync_every=10)
+  assert [stops.requested(step) for step in (7, 9, 11)] == [False] * 3 and not gathered
+  assert stops.requested(10) and gathered == [0]
+  assert stops.signal_name == "a signal to another process"
