@@ -94,15 +94,19 @@ def test_damaged_newest_checkpoint_falls_back_for_export_and_resume(data, straig
   assert f"resuming from step {STEPS - 2}" in capfd.readouterr().out
 
 
-def test_sigterm_saves_the_step_reached_and_resume_ends_as_the_straight_run(
-    data, straight, tmp_path, monkeypatch):
-  class KillAtStep5(ProgressLogger):
+def _sigterm_at(kill_step: int) -> type[ProgressLogger]:
+  """A progress logger that sends this process SIGTERM when step `kill_step` is logged."""
+  class KillAt(ProgressLogger):
     def update(self, step, metrics, tokens=0):
-      if step == 5:
+      if step == kill_step:
         os.kill(os.getpid(), signal.SIGTERM)
       return super().update(step, metrics, tokens)
+  return KillAt
 
-  monkeypatch.setattr(setup, "ProgressLogger", KillAtStep5)
+
+def test_sigterm_saves_the_step_reached_and_resume_ends_as_the_straight_run(
+    data, straight, tmp_path, monkeypatch):
+  monkeypatch.setattr(setup, "ProgressLogger", _sigterm_at(5))
   with pytest.raises(Preempted, match=r"stopped by SIGTERM after step \d/8: .*--resume") as info:
     pretrain.run(_config(data), str(tmp_path))
   monkeypatch.undo()
@@ -210,13 +214,7 @@ def test_sigterm_in_a_post_training_stage_resumes_as_the_straight_run(
 
   sft.run(config(), str(tmp_path / "straight"))
 
-  class KillAtStep3(ProgressLogger):
-    def update(self, step, metrics, tokens=0):
-      if step == 3:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return super().update(step, metrics, tokens)
-
-  monkeypatch.setattr(setup, "ProgressLogger", KillAtStep3)
+  monkeypatch.setattr(setup, "ProgressLogger", _sigterm_at(3))
   with pytest.raises(Preempted, match=r"stopped by SIGTERM after step \d/6") as info:
     sft.run(config(), str(tmp_path / "run"))
   monkeypatch.undo()
