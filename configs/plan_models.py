@@ -6,7 +6,7 @@ from configs import common
 
 _LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
                max_position_embeddings=8192, dtype="bfloat16", scan_layers=True,
-               hf_architecture="llama", layer_streams=1)
+               hf_architecture="llama")
 
 
 def llama3_8b(**overrides) -> ConfigDict:

@@ -436,8 +436,9 @@ def plan_step(config: ConfigDict, accelerator: str | Accelerator, devices: int |
                              acc.platform)
     calls.update({k: v for k, v in custom_calls(inner).items() if k not in calls})
   # Memory and FLOPs come from the step compiled here, on host CPU devices, so with a kernel the
-  # host can compile: the target's fused kernel keeps the same per-row statistics.
-  cfg = for_platform(cfg, "cpu")
+  # host can compile (the target's fused kernel keeps the same per-row statistics) and with the
+  # target's layer streams.
+  cfg = for_platform(cfg, "cpu").replace(layer_streams=target.layer_streams or 1)
   t0 = time.perf_counter()
   lowered, state = lowered_step(config, cfg, peft, mesh, rules, gb, micro)
   compiled = lowered.compile()
