@@ -74,7 +74,6 @@ def _smollm2(c: ConfigDict) -> None:
   c.grpo.update(group_size=8, beta=0.0)
   c.optimizer.update(lr=1e-6, clip_norm=1.0)
   c.train.update(steps=200, global_batch=8, eval_every=20, checkpoint_every=50)
-  c.model.update(layer_streams=1)
 
 
 def _dapo(c: ConfigDict) -> None:
