@@ -301,6 +301,15 @@ def split_preferences(records: Sequence[Record], eval_fraction: float | None = N
   return holdout_split(records, eval_fraction, eval_count, seed, "the preference data", "record")
 
 
+def read_preference_splits(path: str, eval_count: int, seed: int) -> tuple[list, list]:
+  """(train, held-out) records from `path`, comma-separated json/jsonl/parquet files (a config's
+  `data.path`), split as `split_preferences` does."""
+  paths = [p.strip() for p in path.split(",") if p.strip()]
+  if not paths:
+    raise ConfigError("data.path is empty: name the preference json/jsonl/parquet file(s)")
+  return split_preferences(read_preference_records(paths), eval_count=eval_count, seed=seed)
+
+
 def prompt_ids(records: Sequence[Record], tokenizer: transformers.PreTrainedTokenizerBase,
                max_prompt_len: int) -> list[list[int]]:
   """Token ids of each record's prompt for PPO rollouts (any record with a `prompt` string; no

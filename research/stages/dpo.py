@@ -193,12 +193,8 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   settings = config.dpo
   check_settings(settings, peft)
   kind = reference_kind(settings.loss, peft, settings.precompute_reference)
-  paths = [p.strip() for p in config.data.path.split(",") if p.strip()]
-  if not paths:
-    raise ConfigError("data.path is empty: name the preference json/jsonl/parquet file(s)")
-  records = pref_data.read_preference_records(paths)
-  train_records, eval_records = pref_data.split_preferences(
-      records, eval_count=config.data.eval_count, seed=config.seed)
+  train_records, eval_records = pref_data.read_preference_splits(
+      config.data.path, config.data.eval_count, config.seed)
 
   resuming = resume and _has_checkpoint(workdir)
   base_params = None

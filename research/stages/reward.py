@@ -107,12 +107,8 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   peft = peft_from(config.peft) if "peft" in config else NO_PEFT
   if peft.method not in ("none", "lora"):
     raise ConfigError(f"the reward model trains fully or with LoRA; peft.method={peft.method!r}")
-  paths = [p.strip() for p in config.data.path.split(",") if p.strip()]
-  if not paths:
-    raise ConfigError("data.path is empty: name the preference json/jsonl/parquet file(s)")
-  records = pref_data.read_preference_records(paths)
-  train_records, eval_records = pref_data.split_preferences(
-      records, eval_count=config.data.eval_count, seed=config.seed)
+  train_records, eval_records = pref_data.read_preference_splits(
+      config.data.path, config.data.eval_count, config.seed)
 
   base_params = None
   if resume and wd.is_workdir(workdir):
