@@ -11,7 +11,10 @@ from research.errors import ConfigError
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 ATTENTION = ("auto", "reference", "cpu_blocked", "cudnn", "splash")  # see models/attention.py
-HF_ARCHITECTURES = ("llama", "qwen2", "mistral")  # the Hugging Face model types this decoder matches
+# The Hugging Face model types this decoder matches.
+HF_ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names, one per layer
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama family), GeGLU with tanh GELU (Gemma)
 # Fields that say how to run a model, not what it is: a stage started from `--config.init=DIR`
 # takes the architecture from DIR and these from the config's `model` section.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_streams",
@@ -34,6 +37,31 @@ class ModelConfig:
   attention_bias: bool = False  # Qwen2 has biases on q, k, v
   tie_embeddings: bool = False
   max_position_embeddings: int = 2048  # recorded for export; RoPE itself has no table
+  # Scaled RoPE as transformers computes it: None (plain), or the (key, value) pairs of the HF
+  # `rope_scaling` dict, `rope_type` first among them ('linear', 'dynamic', 'yarn', 'llama3').
+  # A tuple so the config stays hashable (it is a static argument of compiled functions).
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  # Rope base of the sliding-window layers when it differs from `rope_theta` (Gemma 3's
+  # `rope_local_base_freq`); those layers then use plain RoPE, the full layers `rope_scaling`.
+  rope_local_theta: float | None = None
+  # Sliding-window attention: a query sees itself and the `sliding_window - 1` keys before it
+  # (transformers' convention) on the layers `layer_types` marks 'sliding_attention'; None: full.
+  # `layer_types` None with a window set means every layer slides (Mistral).
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
+  # Per-head RMSNorm over head_dim on q and k before the rotation (Qwen3, Gemma 3).
+  qk_norm: bool = False
+  # Gemma: RMSNorm scales by (norm_offset + weight); GeGLU; embeddings times sqrt(hidden_size);
+  # norms on the attention and MLP outputs before each residual; attention scale
+  # query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5); tanh soft-capping of attention
+  # scores and of the final logits (cap * tanh(x / cap); None: off).
+  norm_offset: float = 0.0
+  mlp_activation: str = "silu"
+  embed_scale: bool = False
+  post_norms: bool = False
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   scan_layers: bool = True
@@ -66,6 +94,13 @@ class ModelConfig:
   hf_architecture: str | None = None
 
   def __post_init__(self):
+    # JSON (model_config.json) gives lists; the config keeps tuples so it stays hashable.
+    if isinstance(self.layer_types, list):
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, tuple):
+      items = self.rope_scaling.items() if isinstance(self.rope_scaling, Mapping) else self.rope_scaling
+      object.__setattr__(self, "rope_scaling", tuple(
+          (str(k), tuple(v) if isinstance(v, list) else v) for k, v in items))
     self.validate()
 
   @property
@@ -100,6 +135,28 @@ class ModelConfig:
     if not isinstance(self.layer_streams, int) or self.layer_streams < 0:
       raise ConfigError(f"model.layer_streams must be an integer >= 0 (0: by the attention in use), got "
                         f"{self.layer_streams!r}")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ConfigError(f"model.mlp_activation={self.mlp_activation!r}; choose one of "
+                        f"{MLP_ACTIVATIONS}")
+    if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                            or self.sliding_window <= 0):
+      raise ConfigError(f"model.sliding_window must be a positive integer or None, got "
+                        f"{self.sliding_window!r}")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ConfigError(f"model.layer_types has {len(self.layer_types)} entries for "
+                          f"model.num_layers={self.num_layers}; give one per layer")
+      bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+      if bad:
+        raise ConfigError(f"model.layer_types holds {bad}; each entry is one of {LAYER_TYPES}")
+      if "sliding_attention" in self.layer_types and self.sliding_window is None:
+        raise ConfigError("model.layer_types marks sliding_attention layers but "
+                          "model.sliding_window is None; set the window")
+    for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar",
+                 "rope_local_theta"):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        raise ConfigError(f"model.{name} must be a positive number or None, got {value!r}")
     if self.attention not in ATTENTION:
       raise ConfigError(f"model.attention={self.attention!r}; choose one of {ATTENTION}")
     if self.remat_policy not in REMAT_POLICIES:
@@ -112,6 +169,14 @@ class ModelConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ConfigError(f"model.{name}={getattr(self, name)!r} is not a dtype") from e
+
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends through the sliding window."""
+    if self.sliding_window is None:
+      return (False,) * self.num_layers
+    if self.layer_types is None:
+      return (True,) * self.num_layers
+    return tuple(t == "sliding_attention" for t in self.layer_types)
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
