@@ -198,6 +198,6 @@ class ModelConfig:
     q, kv = self.num_heads * hd, self.num_kv_heads * hd
     attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
     mlp = 3 * h * self.mlp_dim
-    per_layer = attn + mlp + 2 * h
+    per_layer = attn + mlp + 2 * h + (2 * hd if self.qk_norm else 0)
     head = 0 if self.tie_embeddings else h * self.vocab_size
     return self.vocab_size * h + self.num_layers * per_layer + h + head
