@@ -194,3 +194,41 @@ def test_alike_layers_trace_no_per_layer_selection():
   mixed = cfg.replace(layer_types=("sliding_attention", "full_attention"))
   text_mixed = str(jax.make_jaxpr(lambda p: Decoder(mixed).apply({"params": p}, tokens))(params))
   assert "select_n" in text_mixed and text_mixed.count("select_n") > text.count("select_n")
+
+
+def _init(cfg):
+  return nn.meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))
+                       ["params"])
+
+
+def test_sliding_layers_rotate_by_the_local_rope_base():
+  """`rope_local_theta`: every layer sliding equals rope_theta set to that base; mixed layers give
+  the same logits scanned (flag scanned in) and unrolled (static flags), and differ from one base."""
+  cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, sliding_window=6, rope_local_theta=100.0, attention="reference")
+  params = _init(cfg)
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 20), 0, cfg.vocab_size)
+  logits = lambda c, p=params: np.asarray(Decoder(c).apply({"params": p}, tokens)[0])
+  np.testing.assert_allclose(logits(cfg), logits(cfg.replace(rope_theta=100.0,
+                                                             rope_local_theta=None)), atol=1e-5)
+  mixed = cfg.replace(layer_types=("sliding_attention", "full_attention"))
+  want = logits(mixed)
+  np.testing.assert_allclose(logits(mixed.replace(scan_layers=False), unstack_layers(params, 2)),
+                             want, atol=1e-5)
+  assert not np.allclose(want, logits(mixed.replace(rope_local_theta=None)), atol=1e-4)
+
+
+def test_mixed_windows_with_splash_export_for_tpu():
+  """Mixed layers under splash: the scanned flag picks one of two kernels (lax.cond), forward and
+  backward, and the program lowers to TPU kernels."""
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    mlp_dim=64, attention="splash", sliding_window=32,
+                    layer_types=("sliding_attention", "full_attention"))
+  params = jax.eval_shape(lambda: _init(cfg.replace(attention="reference")))
+
+  def loss(p, tokens):
+    return jnp.mean(Decoder(cfg).apply({"params": p}, tokens)[0])
+  exported = jax.export.export(jax.jit(jax.grad(loss)), platforms=["tpu"])(
+      params, jax.ShapeDtypeStruct((2, T), jnp.int32))
+  text = exported.mlir_module()
+  assert "tpu_custom_call" in text and ("stablehlo.case" in text or "stablehlo.if" in text)
