@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = HF_ARCHITECTURES
 _CLASS_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _QWEN = ("qwen2", "qwen3")  # use_sliding_window / max_window_layers / layer_types
+_LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3")  # of these only qwen3 has q/k norms
 # transformers' defaults where config.json leaves a field out.
 _DEFAULT_WINDOW = 4096  # MistralConfig, Qwen2Config, Qwen3Config
 _DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config, Qwen3Config
@@ -175,7 +176,7 @@ def hf_config_from_model_config(cfg: ModelConfig, architecture: str | None = Non
   if arch != "qwen2" and cfg.attention_bias:
     raise ConfigError(f"model.attention_bias=true cannot be exported as {arch}: only qwen2 has "
                       f"q/k/v biases without an o_proj bias; export with architecture='qwen2'")
-  if cfg.qk_norm != (arch == "qwen3"):
+  if arch in _LLAMA_FAMILY and cfg.qk_norm != (arch == "qwen3"):
     raise ConfigError(f"model.qk_norm={cfg.qk_norm} cannot be exported as {arch}: of the "
                       f"exported architectures only qwen3 has (and needs) q/k norms; export with "
                       f"architecture='qwen3'" if cfg.qk_norm else

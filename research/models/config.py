@@ -23,7 +23,8 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_st
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama-family decoder (Llama, Qwen2, Mistral share it; options cover their differences)."""
+  """A Llama-family decoder (Llama, Qwen2, Mistral, Qwen3 share it; options cover their
+  differences)."""
 
   vocab_size: int = 8192
   hidden_size: int = 256
