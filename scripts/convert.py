@@ -1,10 +1,10 @@
 """Convert between run directories and Hugging Face checkpoints (safetensors only).
 
   python -m scripts.convert to-hf WORKDIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
-                                  [--architecture llama|qwen2|mistral] [--max-shard-bytes B]
+                                  [--architecture llama|qwen2|mistral|qwen3] [--max-shard-bytes B]
                                   [--allow-non-finite]
   python -m scripts.convert to-peft WORKDIR OUT_DIR [--base-dir BASE_OUT] [--step N] [--overwrite]
-                                    [--dtype bfloat16] [--architecture llama|qwen2|mistral]
+                                    [--dtype bfloat16] [--architecture llama|qwen2|mistral|qwen3]
   python -m scripts.convert from-hf HF_DIR WORKDIR
   python -m scripts.convert from-gguf FILE.gguf OUT [--to workdir|hf] [--overwrite]
 
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("out_dir")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral"),
+  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral", "qwen3"),
                  help="default: the one the model was imported from, else llama")
   p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9)
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "run's base is referenced, not rewritten")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral"),
+  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral", "qwen3"),
                  help="of the base; default: the one the model was imported from, else llama")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   p.set_defaults(func=to_peft)

@@ -26,9 +26,9 @@ DEQUANTISED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0
                      "Q4_K", "Q5_K", "Q6_K")
 # GGUF `general.architecture` -> HF model_type. llama.cpp writes Mistral 7B-style files as "llama"
 # (the same network); the file's name tells them apart, as transformers does.
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # llama.cpp's converter interleaves the rows of q and k for its rotary layout in these
-# architectures (convert_hf_to_gguf.py LlamaModel.permute); Qwen2 files keep the HF order.
+# architectures (convert_hf_to_gguf.py LlamaModel.permute); Qwen2/Qwen3 files keep the HF order.
 _PERMUTED_QK = ("llama",)
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
@@ -40,6 +40,7 @@ _LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
@@ -126,9 +127,9 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
   if scaling not in (None, "none"):
     d["rope_scaling"] = {"rope_type": scaling,
                          "factor": meta.get(f"{arch}.rope.scaling.factor")}
-  if f"{arch}.attention.sliding_window" in meta:
-    d["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
-    d["use_sliding_window"] = True
+  # No sliding-window metadata is read, as transformers' GGUF loader reads none for these
+  # architectures: a "mistral" file then takes MistralConfig's default window (4096), Qwen files
+  # none (use_sliding_window defaults to false); see hf_config._sliding_window.
   return d
 
 

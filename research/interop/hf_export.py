@@ -258,8 +258,8 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
   """Write an HF checkpoint dir: config.json, safetensors weights, generation_config.json, tokenizer.
 
   `params`: scanned or unrolled (per `layers` / `layers_i` keys), numpy or jax (sharded is fine:
-  one layer slice at a time crosses to host). `architecture`: llama | qwen2 | mistral; None takes
-  `cfg.hf_architecture`, else llama. `tokenizer`: a transformers tokenizer or a directory holding
+  one layer slice at a time crosses to host). `architecture`: llama | qwen2 | mistral | qwen3; None
+  takes `cfg.hf_architecture`, else the one that expresses the config (hf_config). `tokenizer`: a transformers tokenizer or a directory holding
   one. `generation_config`: fields merged over the config's bos/eos/pad ids. A tensor holding NaN
 or inf is refused unless `allow_non_finite`. Returns `out_dir`.
   """

@@ -1,4 +1,4 @@
-"""Load a Hugging Face Llama/Qwen2/Mistral safetensors checkpoint into this decoder's scanned params.
+"""Load a Hugging Face Llama/Qwen2/Mistral/Qwen3 safetensors checkpoint into this decoder's scanned params.
 
 Tensors are read one at a time and each stacked [L, ...] leaf is filled layer by layer, so the host
 holds about one leaf beyond what is already placed; with `shardings` each leaf goes straight onto
@@ -63,9 +63,13 @@ def tensor_layout(cfg: ModelConfig, *, attention_bias: bool | None = None) -> li
     if bias:
       specs.append(TensorSpec(("layers", "attn", name, "bias"), p + f"self_attn.{name}_proj.bias",
                               "heads_bias", (n * d,), (n, d)))
+  specs.append(TensorSpec(("layers", "attn", "o", "kernel"), p + "self_attn.o_proj.weight",
+                          "heads_out", (e, h * d), (h, d, e)))
+  if cfg.qk_norm:
+    specs += [TensorSpec(("layers", "attn", f"{name}_norm", "scale"),
+                         p + f"self_attn.{name}_norm.weight", "identity", (d,), (d,))
+              for name in ("q", "k")]
   specs += [
-      TensorSpec(("layers", "attn", "o", "kernel"), p + "self_attn.o_proj.weight", "heads_out",
-                 (e, h * d), (h, d, e)),
       TensorSpec(("layers", "mlp", "gate", "kernel"), p + "mlp.gate_proj.weight", "transpose",
                  (f, e), (e, f)),
       TensorSpec(("layers", "mlp", "up", "kernel"), p + "mlp.up_proj.weight", "transpose", (f, e),

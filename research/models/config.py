@@ -23,7 +23,8 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_st
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama-family decoder (Llama, Qwen2, Mistral share it; options cover their differences)."""
+  """A Llama-family decoder (Llama, Qwen2, Mistral, Qwen3 share it; options cover their
+  differences)."""
 
   vocab_size: int = 8192
   hidden_size: int = 256
@@ -198,6 +199,6 @@ class ModelConfig:
     q, kv = self.num_heads * hd, self.num_kv_heads * hd
     attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
     mlp = 3 * h * self.mlp_dim
-    per_layer = attn + mlp + 2 * h
+    per_layer = attn + mlp + 2 * h + (2 * hd if self.qk_norm else 0)
     head = 0 if self.tie_embeddings else h * self.vocab_size
     return self.vocab_size * h + self.num_layers * per_layer + h + head
