@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from research.models import cpu_kernels
 from research.models.attention import make_mask_info, uses_cpu_kernels
 from research.models.config import ModelConfig
-from research.models.layers import DecoderBlock, RMSNorm, logical, param_init, rotary_tables
+from research.models.layers import DecoderBlock, RMSNorm, logical, param_init
+from research.models.rope import rotary_tables
 from research.models.peft import NO_PEFT, PeftConfig
 from research.parallel import activations as act
 
@@ -101,9 +102,13 @@ class Decoder(nn.Module):
     return logits_btv, hidden_bte, new_cache
 
   def _rotary(self, positions_bt):
-    # Built once per call, read by every layer (see rotary_tables).
+    # Built once per call and read by every layer: made inside each layer, XLA fuses the
+    # trigonometry into the layer's q/k transposes and recomputes it per head, per layer and again
+    # under remat.
     cfg = self.config
-    return rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+    scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    return rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta, scaling,
+                         cfg.max_position_embeddings)
 
   def _layers(self, x_bte, segment_ids_bt, positions_bt):
     """Training and cacheless forward: each token attends to the tokens before it in its segment.
