@@ -268,3 +268,74 @@ def test_per_layer_type_rope_gemma3_spellings():
         "full_attention": full, "sliding_attention": full}})
   with pytest.raises(ConfigError, match="rope_local_theta=10000.0 cannot be exported as llama"):
     hf_config_from_model_config(cfg, architecture="llama")
+
+
+# GGUF: llama.cpp's rope scaling metadata. transformers' GGUF loader drops it (plain RoPE), so the
+# reference is transformers with the GGUF's weights and the HF config the metadata stands for.
+def _gguf_cases():
+  import gguf  # pylint: disable=import-outside-toplevel
+  from research.interop.gguf_rope import llama3_freq_factors  # pylint: disable=import-outside-toplevel
+
+  llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=32)
+  return {  # case -> (arch, write_gguf extras, the HF rope parameters they mean)
+      "llama3_rope_freqs": ("llama", dict(
+          extra_tensors={"rope_freqs.weight": llama3_freq_factors(1e4, 16, 8.0, 1.0, 4.0, 32)},
+          extra_fields={"add_rope_scaling_orig_ctx_len": 32}), llama3),
+      "linear": ("llama", dict(extra_fields={
+          "add_rope_scaling_type": gguf.RopeScalingType.LINEAR, "add_rope_scaling_factor": 4.0}),
+          dict(rope_type="linear", factor=4.0)),
+      "qwen2_yarn": ("qwen2", dict(extra_fields={
+          "add_rope_scaling_type": gguf.RopeScalingType.YARN, "add_rope_scaling_factor": 4.0,
+          "add_rope_scaling_orig_ctx_len": 16}),
+          dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+  }
+
+
+@pytest.mark.parametrize("case", ["llama3_rope_freqs", "linear", "qwen2_yarn"])
+def test_gguf_rope_scaling_matches_transformers_with_the_hf_config(case, tmp_path):
+  from gguf_files import write_gguf  # pylint: disable=import-outside-toplevel
+  from research.interop.gguf_import import load_gguf_checkpoint  # pylint: disable=import-outside-toplevel
+
+  arch, extras, rope = _gguf_cases()[case]
+  path = write_gguf(tmp_path / f"{case}.gguf", arch=arch, rope_theta=1e4, **extras)
+  cfg, params = load_gguf_checkpoint(path)
+  assert dict(cfg.rope_scaling) == rope
+  hf_config = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+  plain = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+  hf_config.rope_parameters = {**rope, "rope_theta": 1e4}
+  scaled = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path, gguf_file=path.name, config=hf_config, dtype=torch.float32).eval()
+  tokens, mask, positions = _batch()
+  ours, _ = Decoder(cfg).apply({"params": params}, jnp.asarray(tokens), jnp.asarray(mask),
+                               jnp.asarray(positions))
+  real = mask.astype(bool)
+  for model, agrees in ((scaled, True), (plain, False)):
+    with torch.no_grad():
+      theirs = model(input_ids=torch.from_numpy(tokens).long(),
+                     attention_mask=torch.from_numpy(mask).long(),
+                     position_ids=torch.from_numpy(positions).long()).logits.numpy()
+    diff = np.abs(np.asarray(ours)[real] - theirs[real]).max()
+    assert (diff < 1e-4) == agrees, f"max abs logit difference {diff} (scaled: {agrees})"
+
+
+def test_gguf_rope_refusals_are_one_line(tmp_path):
+  import gguf  # pylint: disable=import-outside-toplevel
+  from gguf_files import write_gguf  # pylint: disable=import-outside-toplevel
+  from research.interop.gguf_import import load_gguf_checkpoint  # pylint: disable=import-outside-toplevel
+
+  refusals = {
+      r"llama\.rope\.scaling\.type='longrope'; transformers' GGUF loader ignores it": dict(
+          extra_fields={"add_rope_scaling_type": gguf.RopeScalingType.LONGROPE,
+                        "add_rope_scaling_factor": 4.0}),
+      r"llama\.rope\.scaling\.attn_factor=0\.5": dict(extra_fields={
+          "add_rope_scaling_type": gguf.RopeScalingType.YARN, "add_rope_scaling_factor": 4.0,
+          "add_rope_scaling_attn_factors": 0.5}),
+      r"rope_freqs\.weight is not llama3 rope scaling with factor 2\.0": dict(
+          extra_tensors={"rope_freqs.weight": np.full(8, 2.0, np.float32)}),
+  }
+  for i, (message, extras) in enumerate(refusals.items()):
+    with pytest.raises(ConfigError, match=message) as e:
+      load_gguf_checkpoint(write_gguf(tmp_path / f"{i}.gguf", **extras))
+    assert "\n" not in str(e.value)
