@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import pathlib
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from gguf_files import write_gguf
 from research.errors import ConfigError
+from research.interop.gguf_import import load_gguf_checkpoint
+from research.interop.gguf_rope import llama3_freq_factors
 from research.interop.hf_config import hf_config_from_model_config, model_config_from_hf
 from research.interop.hf_export import export_hf
 from research.interop.hf_import import load_hf_checkpoint, read_safetensors_dir
@@ -173,6 +177,8 @@ def test_model_config_validation_names_the_key():
   cfg = ModelConfig(rope_scaling={**ok, "beta_fast": 16})
   assert cfg.rope_scaling[0] == ("rope_type", "yarn")  # rope_type first, then by key
   assert ModelConfig(rope_scaling=list(reversed(cfg.rope_scaling))) == cfg
+  # model_config.json: the pairs become lists of lists and come back as the same config.
+  assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
   bad = {
       "rope_scaling.rope_type='longrope'": {"rope_type": "longrope", "factor": 2.0},
       "rope_scaling.rope_type=None": {"factor": 2.0},
@@ -272,32 +278,25 @@ def test_per_layer_type_rope_gemma3_spellings():
 
 # GGUF: llama.cpp's rope scaling metadata. transformers' GGUF loader drops it (plain RoPE), so the
 # reference is transformers with the GGUF's weights and the HF config the metadata stands for.
-def _gguf_cases():
-  import gguf  # pylint: disable=import-outside-toplevel
-  from research.interop.gguf_rope import llama3_freq_factors  # pylint: disable=import-outside-toplevel
-
-  llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                original_max_position_embeddings=32)
-  return {  # case -> (arch, write_gguf extras, the HF rope parameters they mean)
-      "llama3_rope_freqs": ("llama", dict(
-          extra_tensors={"rope_freqs.weight": llama3_freq_factors(1e4, 16, 8.0, 1.0, 4.0, 32)},
-          extra_fields={"add_rope_scaling_orig_ctx_len": 32}), llama3),
-      "linear": ("llama", dict(extra_fields={
-          "add_rope_scaling_type": gguf.RopeScalingType.LINEAR, "add_rope_scaling_factor": 4.0}),
-          dict(rope_type="linear", factor=4.0)),
-      "qwen2_yarn": ("qwen2", dict(extra_fields={
-          "add_rope_scaling_type": gguf.RopeScalingType.YARN, "add_rope_scaling_factor": 4.0,
-          "add_rope_scaling_orig_ctx_len": 16}),
-          dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
-  }
+_LLAMA3_32 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=32)
+GGUF_CASES = {  # case -> (arch, write_gguf extras, the HF rope parameters they mean)
+    "llama3_rope_freqs": ("llama", dict(
+        extra_tensors={"rope_freqs.weight": llama3_freq_factors(1e4, 16, 8.0, 1.0, 4.0, 32)},
+        extra_fields={"add_rope_scaling_orig_ctx_len": 32}), _LLAMA3_32),
+    "linear": ("llama", dict(extra_fields={
+        "add_rope_scaling_type": gguf.RopeScalingType.LINEAR, "add_rope_scaling_factor": 4.0}),
+        dict(rope_type="linear", factor=4.0)),
+    "qwen2_yarn": ("qwen2", dict(extra_fields={
+        "add_rope_scaling_type": gguf.RopeScalingType.YARN, "add_rope_scaling_factor": 4.0,
+        "add_rope_scaling_orig_ctx_len": 16}),
+        dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+}
 
 
-@pytest.mark.parametrize("case", ["llama3_rope_freqs", "linear", "qwen2_yarn"])
+@pytest.mark.parametrize("case", list(GGUF_CASES))
 def test_gguf_rope_scaling_matches_transformers_with_the_hf_config(case, tmp_path):
-  from gguf_files import write_gguf  # pylint: disable=import-outside-toplevel
-  from research.interop.gguf_import import load_gguf_checkpoint  # pylint: disable=import-outside-toplevel
-
-  arch, extras, rope = _gguf_cases()[case]
+  arch, extras, rope = GGUF_CASES[case]
   path = write_gguf(tmp_path / f"{case}.gguf", arch=arch, rope_theta=1e4, **extras)
   cfg, params = load_gguf_checkpoint(path)
   assert dict(cfg.rope_scaling) == rope
@@ -321,10 +320,6 @@ def test_gguf_rope_scaling_matches_transformers_with_the_hf_config(case, tmp_pat
 
 
 def test_gguf_rope_refusals_are_one_line(tmp_path):
-  import gguf  # pylint: disable=import-outside-toplevel
-  from gguf_files import write_gguf  # pylint: disable=import-outside-toplevel
-  from research.interop.gguf_import import load_gguf_checkpoint  # pylint: disable=import-outside-toplevel
-
   refusals = {
       r"llama\.rope\.scaling\.type='longrope'; transformers' GGUF loader ignores it": dict(
           extra_fields={"add_rope_scaling_type": gguf.RopeScalingType.LONGROPE,

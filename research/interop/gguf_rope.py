@@ -60,8 +60,9 @@ def _llama3(factors: np.ndarray, meta: Mapping[str, Any], arch: str, theta: floa
              "high_freq_factor": 4.0, "original_max_position_embeddings": original}
   expected = llama3_freq_factors(theta, head_dim, scaling["factor"], 1.0, 4.0, original)
   if not np.allclose(factors, expected, rtol=1e-5, atol=0):
-    raise ConfigError(f"{where}: rope_freqs.weight is not llama3 rope scaling with factor {scaling['factor']}, low/high_freq_factor 1/4 and original "
-                      f"context {original}{_REFUSAL}")
+    raise ConfigError(f"{where}: rope_freqs.weight is not llama3 rope scaling with factor "
+                      f"{scaling['factor']}, low/high_freq_factor 1/4 and original context "
+                      f"{original}{_REFUSAL}")
   return scaling
 
 

@@ -1,4 +1,4 @@
-"""Rope settings of an HF `config.json` <-> ModelConfig's `rope_theta`, `rope_scaling`, `rope_local_theta`.
+"""An HF `config.json`'s rope settings <-> ModelConfig's rope_theta, rope_scaling, rope_local_theta.
 
 Transformers 4.x writes a top-level `rope_theta` and a `rope_scaling` dict (or null); 5.x writes
 `rope_parameters` (`rope_type`, `rope_theta`, the scaling keys), nested by layer type where the
@@ -74,7 +74,7 @@ def _scaling_from_hf(rope: Mapping[str, Any], where: str, max_positions: int
 
 def _global_rope(d: Mapping[str, Any]) -> tuple[str, Mapping[str, Any] | None]:
   """(the key it was read from, the rope dict transformers 5 would use), or (key, None)."""
-  for key in ("rope_scaling", "rope_parameters"):  # transformers 5: `rope_scaling or rope_parameters`
+  for key in ("rope_scaling", "rope_parameters"):  # transformers 5: rope_scaling or rope_parameters
     rope = d.get(key)
     if rope is None or rope == {}:
       continue

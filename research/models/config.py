@@ -100,7 +100,7 @@ class ModelConfig:
       object.__setattr__(self, "layer_types", tuple(self.layer_types))
     if self.rope_scaling is not None:
       items = self.rope_scaling.items() if isinstance(self.rope_scaling, Mapping) else self.rope_scaling
-      # One order (rope_type first, then by key) so equal scalings give equal, equally hashed configs.
+      # One order (rope_type first, then by key): equal scalings give equal, equally hashed configs.
       try:
         pairs = sorted(((str(k), tuple(v) if isinstance(v, list) else v) for k, v in items),
                        key=lambda kv: (kv[0] != "rope_type", kv[0]))
