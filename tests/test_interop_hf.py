@@ -280,10 +280,12 @@ def test_config_errors(hf_dirs, tmp_path):
   (gpt2_dir / "config.json").write_text(json.dumps(gpt2))
   with pytest.raises(ConfigError, match="gpt2"):
     load_hf_checkpoint(gpt2_dir)
-  for key in ("rope_parameters", "rope_scaling"):
-    yarn = {**base, key: {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}
-    with pytest.raises(ConfigError, match=f"{key}.rope_type='yarn'"):
-      model_config_from_hf(yarn)
+  for key in ("rope_parameters", "rope_scaling"):  # scaled RoPE: tests/test_rope_scaling.py
+    longrope = {**base, key: {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                              "long_factor": [2.0] * 4, "original_max_position_embeddings": 16,
+                              "rope_theta": 10000.0}}
+    with pytest.raises(ConfigError, match=f"{key}.rope_type='longrope'"):
+      model_config_from_hf(longrope)
   legacy = {**base, "rope_theta": 1234.0, "rope_scaling": None}
   del legacy["rope_parameters"]
   assert model_config_from_hf(legacy).rope_theta == 1234.0

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from research.errors import CheckpointError, ConfigError
+from research.interop.gguf_rope import rope_scaling_from_gguf
 from research.interop.hf_config import model_config_from_hf
 from research.interop.hf_import import (Params, _leaf, _set_leaf, from_hf_layout, hf_names,
                                         tensor_layout)
@@ -27,6 +28,8 @@ DEQUANTISED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0
 # GGUF `general.architecture` -> HF model_type. llama.cpp writes Mistral 7B-style files as "llama"
 # (the same network); the file's name tells them apart, as transformers does.
 GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Llama 3.x's per-frequency rope divisors (see gguf_rope.py); not a weight.
+ROPE_FREQS = "rope_freqs.weight"
 # llama.cpp's converter interleaves the rows of q and k for its rotary layout in these
 # architectures (convert_hf_to_gguf.py LlamaModel.permute); Qwen2/Qwen3 files keep the HF order.
 _PERMUTED_QK = ("llama",)
@@ -88,8 +91,10 @@ def hf_model_type(meta: Mapping[str, Any], where: str) -> str:
 
 
 def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
-                        where: str = "GGUF file") -> dict[str, Any]:
-  """The HF `config.json` dict this file's metadata describes (validated by model_config_from_hf)."""
+                        where: str = "GGUF file", rope_freqs: np.ndarray | None = None
+                        ) -> dict[str, Any]:
+  """The HF `config.json` dict this file's metadata (and its `rope_freqs` tensor, if any)
+  describes (validated by model_config_from_hf)."""
   model_type = hf_model_type(meta, where)
   arch = meta["general.architecture"]
 
@@ -123,10 +128,10 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
       "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
       "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
   }
-  scaling = meta.get(f"{arch}.rope.scaling.type")
-  if scaling not in (None, "none"):
-    d["rope_scaling"] = {"rope_type": scaling,
-                         "factor": meta.get(f"{arch}.rope.scaling.factor")}
+  scaling = rope_scaling_from_gguf(meta, arch, d["rope_theta"], head_dim,
+                                   d["max_position_embeddings"], rope_freqs, where)
+  if scaling is not None:
+    d["rope_scaling"] = scaling
   # No sliding-window metadata is read, as transformers' GGUF loader reads none for these
   # architectures: a "mistral" file then takes MistralConfig's default window (4096), Qwen files
   # none (use_sliding_window defaults to false); see hf_config._sliding_window.
@@ -164,6 +169,8 @@ def _dequantise(tensor: Any, gguf: Any) -> np.ndarray:
 def _tensors_by_hf_name(reader: Any, where: str) -> dict[str, Any]:
   by_name, unknown, bad_types = {}, [], set()
   for t in reader.tensors:
+    if t.name == ROPE_FREQS:  # read into the config's rope_scaling (gguf_model_config)
+      continue
     name = hf_tensor_name(t.name)
     if name is None:
       unknown.append(t.name)
@@ -171,10 +178,8 @@ def _tensors_by_hf_name(reader: Any, where: str) -> dict[str, Any]:
       bad_types.add(t.tensor_type.name)
     by_name[name] = t
   if unknown:
-    why = " (rope_freqs: Llama 3.1 rope scaling, which this decoder lacks)" if (
-        "rope_freqs.weight" in unknown) else ""
     raise CheckpointError(f"{where} has tensors this decoder has no place for: {unknown[:8]}"
-                          f"{' ...' if len(unknown) > 8 else ''}{why}")
+                          f"{' ...' if len(unknown) > 8 else ''}")
   if bad_types:
     raise CheckpointError(f"{where} holds tensors of quantisation type {sorted(bad_types)}, which "
                           f"cannot be dequantised here; supported: {', '.join(DEQUANTISED_TYPES)}")
@@ -184,7 +189,10 @@ def _tensors_by_hf_name(reader: Any, where: str) -> dict[str, Any]:
 def gguf_model_config(path: str | os.PathLike, reader: Any = None) -> ModelConfig:
   reader = reader if reader is not None else open_gguf(path)
   names = {t.name for t in reader.tensors}
-  return model_config_from_hf(hf_config_from_gguf(gguf_metadata(reader), names, str(path)))
+  rope_freqs = next((np.asarray(_dequantise(t, _import_gguf()), np.float32).reshape(-1)
+                     for t in reader.tensors if t.name == ROPE_FREQS), None)
+  return model_config_from_hf(hf_config_from_gguf(gguf_metadata(reader), names, str(path),
+                                                  rope_freqs))
 
 
 def load_gguf_checkpoint(path: str | os.PathLike,

@@ -1,7 +1,8 @@
 """Hugging Face `config.json` <-> ModelConfig for the Llama family (llama, qwen2, mistral, qwen3).
 
-Only what this decoder computes is accepted: anything that would change the function (rope scaling,
-biases on the MLP, another activation) is a ConfigError naming the field. Sliding windows are read
+Only what this decoder computes is accepted: anything that would change the function (a rope type
+it lacks, biases on the MLP, another activation) is a ConfigError naming the field. Rope settings go
+through `hf_rope` (both transformers 4.x and 5.x spellings). Sliding windows are read
 as transformers reads them (`_sliding_window`) and written back so a round trip is exact.
 """
 
@@ -11,6 +12,7 @@ import logging
 from typing import Any, Mapping
 
 from research.errors import ConfigError
+from research.interop.hf_rope import rope_fields_from_hf, rope_fields_to_hf
 from research.models.config import HF_ARCHITECTURES, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -24,40 +26,12 @@ _LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3")  # of these only qwen3 ha
 _DEFAULT_WINDOW = 4096  # MistralConfig, Qwen2Config, Qwen3Config
 _DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config, Qwen3Config
 _QWEN3_HEAD_DIM = 128
-_DEFAULT_ROPE_TYPES = (None, "default")
 
 
 def _require(d: Mapping[str, Any], key: str, model_type: str) -> Any:
   if d.get(key) is None:
     raise ConfigError(f"HF config for {model_type!r} has no {key!r}; config.json is incomplete")
   return d[key]
-
-
-def _rope_theta(d: Mapping[str, Any]) -> float:
-  """rope_theta from transformers 5 `rope_parameters` or the older top-level `rope_theta`.
-
-  Scaled RoPE (linear, dynamic, yarn, llama3, ...) changes every position's angle, and this
-  decoder has only the plain rotation, so any other type is refused rather than silently ignored.
-  """
-  theta = d.get("rope_theta")
-  for key in ("rope_parameters", "rope_scaling"):
-    rope = d.get(key)
-    if rope is None:
-      continue
-    if not isinstance(rope, Mapping):
-      raise ConfigError(f"HF config field {key!r} must be a dict or null, got {rope!r}")
-    if any(isinstance(v, Mapping) for v in rope.values()):
-      raise ConfigError(f"HF config field {key!r} has per-layer-type rope parameters "
-                        f"({sorted(rope)}); only one global rope is supported")
-    rope_type = rope.get("rope_type", rope.get("type"))
-    if rope_type not in _DEFAULT_ROPE_TYPES:
-      raise ConfigError(
-          f"HF config {key}.rope_type={rope_type!r} is not supported: this decoder implements only "
-          f"default (unscaled) RoPE. Use a checkpoint without rope scaling, or remove the "
-          f"{key!r} entry if you accept the changed positions.")
-    if rope.get("rope_theta") is not None:
-      theta = rope["rope_theta"]
-  return float(theta) if theta is not None else 10000.0
 
 
 def _sliding_window(d: Mapping[str, Any], model_type: str,
@@ -132,7 +106,7 @@ def model_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Mode
       num_kv_heads=int(kv_heads) if kv_heads is not None else heads,
       head_dim=None if head_dim is None else int(head_dim),
       mlp_dim=int(_require(d, "intermediate_size", model_type)),
-      rope_theta=_rope_theta(d),
+      **rope_fields_from_hf(d),
       rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
       attention_bias=model_type == "qwen2",  # qwen2 always has q/k/v biases
       qk_norm=model_type == "qwen3",
@@ -203,9 +177,7 @@ def hf_config_from_model_config(cfg: ModelConfig, architecture: str | None = Non
       "hidden_act": "silu",
       "max_position_embeddings": cfg.max_position_embeddings,
       "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-      "rope_scaling": None,
+      **rope_fields_to_hf(cfg, arch),
       "tie_word_embeddings": cfg.tie_embeddings,
       "initializer_range": 0.02,
       "attention_dropout": 0.0,

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from research.models import cpu_kernels
 from research.models.attention import make_mask_info, uses_cpu_kernels
 from research.models.config import ModelConfig
-from research.models.layers import DecoderBlock, RMSNorm, logical, param_init, rotary_tables
+from research.models.layers import DecoderBlock, RMSNorm, logical, param_init
+from research.models.rope import rotary_tables
 from research.models.peft import NO_PEFT, PeftConfig
 from research.parallel import activations as act
 
@@ -101,10 +102,14 @@ class Decoder(nn.Module):
     return logits_btv, hidden_bte, new_cache
 
   def _rotary(self, positions_bt):
-    # Built once per call, read by every layer (see rotary_tables); with a local rope base, both
-    # tables, and each layer picks its own (layers.layer_rope).
+    # Built once per call and read by every layer (made inside each layer, XLA fuses the
+    # trigonometry into the layer's q/k transposes and recomputes it per head, per layer and again
+    # under remat); with a local rope base, both tables, and each layer picks its own
+    # (layers.layer_rope). The local layers take plain RoPE.
     cfg = self.config
-    full = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+    scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    full = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta, scaling,
+                         cfg.max_position_embeddings)
     if cfg.rope_local_theta is None:
       return full
     return full, rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_local_theta)

@@ -17,6 +17,7 @@ from research.models import cpu_kernels
 from research.models.attention import FUSED, MaskInfo, attention, resolve, uses_cpu_kernels
 from research.models.config import ModelConfig
 from research.models.peft import NO_PEFT, BottleneckAdapter, LoraDelta, PeftConfig
+from research.models.rope import rotary_tables  # noqa: F401  (the decoder's, re-exported)
 from research.parallel import activations as act
 
 Initializer = Callable[..., jax.Array]
@@ -70,17 +71,6 @@ def _swiglu_bwd(res, g):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
-def rotary_tables(positions_bt: jax.Array, head_dim: int, theta: float):
-  """(cos, sin), float32 [B, T, 1, D], in the Hugging Face half-rotation layout (first half pairs
-  with second half). The decoder builds them once per call and every layer reads them: made inside
-  each layer, XLA fuses the trigonometry into the layer's q/k transposes and recomputes it per head,
-  per layer and again under remat."""
-  inv_freq_h = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq_h
-  angles_btd = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)[:, :, None, :]
-  return jnp.cos(angles_btd), jnp.sin(angles_btd)
 
 
 def layer_rope(cfg: ModelConfig, rope, sliding):
