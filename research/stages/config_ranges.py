@@ -61,6 +61,9 @@ RANGES: dict[tuple[str, str], Range] = {
     ("model", "head_dim"): at_least(1), ("model", "max_position_embeddings"): at_least(1),
     ("model", "rms_norm_eps"): above(0), ("model", "rope_theta"): above(0),
     ("model", "layer_streams"): at_least(0), ("model", "loss_chunk_tokens"): at_least(0),
+    ("model", "rope_local_theta"): above(0), ("model", "sliding_window"): at_least(1),
+    ("model", "norm_offset"): at_least(0), ("model", "query_pre_attn_scalar"): above(0),
+    ("model", "attn_logit_softcap"): above(0), ("model", "final_logit_softcap"): above(0),
     # PEFT
     ("peft", "r"): at_least(1), ("peft", "alpha"): above(0),
     ("peft", "dropout"): within(0, 1, open_hi=True),
