@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` <-> ModelConfig for the Llama family (llama, qwen2, mistral).
+"""Hugging Face `config.json` <-> ModelConfig for the Llama family (llama, qwen2, mistral) and
+Gemma 2 / Gemma 3 text (their own fields in hf_gemma.py).
 
 Only what this decoder computes is accepted: anything that would change the function (rope scaling,
 a sliding window, biases on the MLP, another activation) is a ConfigError naming the field.
@@ -10,13 +11,14 @@ import logging
 from typing import Any, Mapping
 
 from research.errors import ConfigError
+from research.interop import hf_gemma
 from research.models.config import HF_ARCHITECTURES, ModelConfig
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = HF_ARCHITECTURES
 _CLASS_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "mistral": "MistralForCausalLM"}
+                "mistral": "MistralForCausalLM", **hf_gemma.CLASS_NAMES}
 _DEFAULT_ROPE_TYPES = (None, "default")
 
 
@@ -94,13 +96,16 @@ def _token_id(d: Mapping[str, Any], key: str) -> int | None:
 def model_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
   """ModelConfig from the dict of an HF `config.json`; `overrides` set non-HF fields (e.g. dtype)."""
   model_type = hf_config.get("model_type")
+  if model_type == "gemma3":
+    raise hf_gemma.multimodal_error(hf_config)
   if model_type not in SUPPORTED_ARCHITECTURES:
     raise ConfigError(
         f"unsupported architecture model_type={model_type!r} (architectures="
         f"{hf_config.get('architectures')}); supported: {list(SUPPORTED_ARCHITECTURES)}")
-  d = hf_config
+  gemma = model_type in hf_gemma.GEMMA_ARCHITECTURES
+  d = hf_gemma.with_defaults(hf_config, model_type) if gemma else hf_config
   act = d.get("hidden_act", "silu")
-  if act != "silu":
+  if not gemma and act != "silu":
     raise ConfigError(f"HF config hidden_act={act!r}: this decoder's MLP is SwiGLU (silu) only")
   if d.get("mlp_bias", False):
     raise ConfigError("HF config mlp_bias=true: this decoder's MLP has no biases")
@@ -118,7 +123,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Mode
   # Keep head_dim unset when it is the implied one, so configs compare equal after a round trip.
   if head_dim is not None and (hidden % heads == 0 and int(head_dim) == hidden // heads):
     head_dim = None
-  _check_sliding_window(d, model_type, num_layers, max_positions)
+  if not gemma:
+    _check_sliding_window(d, model_type, num_layers, max_positions)
   fields = dict(
       vocab_size=int(_require(d, "vocab_size", model_type)),
       hidden_size=hidden,
@@ -137,6 +143,8 @@ def model_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Mode
       pad_token_id=_token_id(d, "pad_token_id"),
       hf_architecture=model_type,
   )
+  if gemma:
+    fields.update(hf_gemma.fields_from_hf(d, model_type, num_layers))
   fields.update(overrides)
   return ModelConfig(**fields)
 
@@ -157,6 +165,7 @@ def hf_config_from_model_config(cfg: ModelConfig, architecture: str | None = Non
   if arch != "qwen2" and cfg.attention_bias:
     raise ConfigError(f"model.attention_bias=true cannot be exported as {arch}: only qwen2 has "
                       f"q/k/v biases without an o_proj bias; export with architecture='qwen2'")
+  hf_gemma.check_block(cfg, arch)
   out: dict[str, Any] = {
       "architectures": [_CLASS_NAMES[arch]],
       "model_type": arch,
@@ -185,6 +194,9 @@ def hf_config_from_model_config(cfg: ModelConfig, architecture: str | None = Non
   }
   if arch == "llama":
     out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  elif arch in hf_gemma.GEMMA_ARCHITECTURES:
+    out.update(hf_gemma.fields_to_hf(cfg, arch))
+    del out["hidden_act"]
   elif arch == "qwen2":
     # Qwen2 always has q/k/v biases; export writes zeros when the config has none.
     out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
