@@ -123,10 +123,13 @@ def check_block(cfg: ModelConfig, arch: str) -> None:
 
 def fields_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
   """The Gemma-specific `config.json` entries (beyond the Llama-family ones) for `cfg`."""
-  scalar = cfg.query_pre_attn_scalar
+  scalar = cfg.resolved_head_dim if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar
+  if not float(scalar).is_integer():
+    raise ConfigError(f"model.query_pre_attn_scalar={scalar} cannot be exported as {arch}: "
+                      f"transformers takes an integer there; round it")
   out: dict[str, Any] = {
       "hidden_activation": HIDDEN_ACTIVATION,
-      "query_pre_attn_scalar": cfg.resolved_head_dim if scalar is None else scalar,
+      "query_pre_attn_scalar": int(scalar),  # transformers' config classes check for an int
       "attn_logit_softcapping": cfg.attn_logit_softcap,
       "final_logit_softcapping": cfg.final_logit_softcap,
       "attention_bias": False,
