@@ -22,7 +22,7 @@ from research.sampling import greedy_generate
 transformers = pytest.importorskip("transformers")
 
 VOCAB, T = 128, 24
-WINDOW = 64  # at least T: the sliding layers see every earlier token here
+WINDOW = 8  # shorter than T and than prompt + generation: the sliding layers see a window
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
               initializer_range=0.2, pad_token_id=0, eos_token_id=1, bos_token_id=2)
@@ -36,6 +36,15 @@ CASES = {
                                            attn_logit_softcapping=None,
                                            final_logit_softcapping=None, sliding_window=WINDOW,
                                            tie_word_embeddings=False)),
+    # Gemma 3: q/k norms, layers 0-1 and 3-4 sliding with their own rope base, 2 and 5 full
+    # with linear rope scaling (as Gemma-3-4B and larger), no attention cap.
+    "gemma3": ("Gemma3TextConfig", dict(
+        num_hidden_layers=6, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+        sliding_window=WINDOW, layer_types=["sliding_attention"] * 2 + ["full_attention"] +
+        ["sliding_attention"] * 2 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 1_000_000.0}})),
 }
 CAUSAL_LM = {"Gemma2Config": "Gemma2ForCausalLM", "Gemma3TextConfig": "Gemma3ForCausalLM"}
 
@@ -84,7 +93,8 @@ def our_logits(cfg, params, tokens: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 def test_logits_equal_transformers(case, attention, scan, hf_dirs):
   cfg, params = load_hf_checkpoint(hf_dirs[case])
-  assert cfg.hf_architecture == case.split("_")[0]
+  assert cfg.hf_architecture == {"Gemma2Config": "gemma2", "Gemma3TextConfig": "gemma3_text"}[
+      CASES[case][0]]
   cfg = cfg.replace(attention=attention, scan_layers=scan)
   tokens = _tokens()
   theirs = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[case]), tokens)
@@ -135,6 +145,8 @@ def test_export_and_import_round_trip_bit_exact(case, hf_dirs, tmp_path):
   assert sorted(ours) == sorted(theirs)
   for name, x in theirs.items():
     assert ours[name].dtype == x.dtype and np.array_equal(ours[name], x), name
+  assert cfg.num_params() == transformers.AutoModelForCausalLM.from_pretrained(
+      hf_dirs[case]).num_parameters()
   exported = json.loads((out / "config.json").read_text())
   assert model_config_from_hf(exported) == cfg
   assert exported["architectures"] == [CAUSAL_LM[CASES[case][0]]]

@@ -106,22 +106,30 @@ def test_peft_adapter_loads_in_peft_on_the_exported_base(gemma2_dir, tmp_path):
   assert np.abs(without - ours).max() > 1e-2  # the adapter is loaded and matters
 
 
-def test_gemma2_gguf_loads_as_transformers_loads_it(tmp_path):
-  """llama.cpp's layout (norms stored as 1 + w, ffn_norm the pre-MLP norm, tied output): our
-  import equals transformers' `from_pretrained(gguf_file=...)` of the same file, which takes
-  query_pre_attn_scalar, the soft caps and the layer pattern from Gemma2Config's defaults."""
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_gguf_loads_as_transformers_loads_it(arch, tmp_path):
+  """llama.cpp's layout (norms stored as 1 + w, ffn_norm the pre-MLP norm, Gemma 3's q/k norms,
+  tied output): our import equals transformers' `from_pretrained(gguf_file=...)` of the same
+  file, which takes query_pre_attn_scalar, the soft caps, the layer pattern and Gemma 3's local
+  rope base from the config class's defaults; the window (8) is shorter than the tokens."""
   vocab = len(tokenizer_tokens())
-  model = _tiny_hf("Gemma2Config", vocab_size=vocab, num_hidden_layers=2, sliding_window=64)
+  config_class, layers = {"gemma2": ("Gemma2Config", 2), "gemma3": ("Gemma3TextConfig", 6)}[arch]
+  model = _tiny_hf(config_class, vocab_size=vocab, num_hidden_layers=layers, sliding_window=8,
+                   rope_theta=1e5)
   state = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-  path = write_gemma_gguf(tmp_path / "tiny.gguf", "gemma2", model.config.to_dict(), state)
+  hf_config = model.config.to_dict()
+  hf_config["rope_theta"] = 1e5
+  path = write_gemma_gguf(tmp_path / "tiny.gguf", arch, hf_config, state)
   cfg, params = load_gguf_checkpoint(path)
   theirs_model = transformers.AutoModelForCausalLM.from_pretrained(
       str(tmp_path), gguf_file=path.name, dtype=torch.float32)
   want = theirs_model.config
   assert (cfg.hf_architecture, cfg.query_pre_attn_scalar, cfg.attn_logit_softcap,
-          cfg.final_logit_softcap, cfg.sliding_window, cfg.layer_types, cfg.tie_embeddings) == (
-              "gemma2", want.query_pre_attn_scalar, want.attn_logit_softcapping,
-              want.final_logit_softcapping, want.sliding_window, tuple(want.layer_types), True)
+          cfg.final_logit_softcap, cfg.sliding_window, cfg.layer_types, cfg.tie_embeddings,
+          cfg.qk_norm) == (
+              want.model_type, want.query_pre_attn_scalar, want.attn_logit_softcapping,
+              want.final_logit_softcapping, want.sliding_window, tuple(want.layer_types), True,
+              arch == "gemma3")
   tokens = _tokens(vocab)
   np.testing.assert_allclose(_our_logits(cfg, params, tokens), _hf_logits(theirs_model, tokens),
                              atol=1e-4, rtol=0)

@@ -98,6 +98,7 @@ def fields_from_hf(d: Mapping[str, Any], model_type: str, num_layers: int) -> di
                            else float(d["final_logit_softcapping"])),
       sliding_window=window,
       layer_types=layer_types,
+      qk_norm=model_type == "gemma3_text",
   )
 
 

@@ -95,8 +95,8 @@ class Decoder(nn.Module):
       x_bte = self._layers(x_bte, segment_ids_bt, positions_bt)
     else:
       x_bte, new_cache = self._cached_layers(x_bte, segment_ids_bt, positions_bt, cache)
-    hidden_bte = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, cfg.norm_offset,
-                         name="final_norm")(x_bte)
+    hidden_bte = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype,
+                         offset=cfg.norm_offset, name="final_norm")(x_bte)
     if n_virtual:
       hidden_bte = hidden_bte[:, n_virtual:]
     hidden_bte = act.constrain(hidden_bte, act.RESIDUAL)
