@@ -81,3 +81,21 @@ def test_weight_decay_skips_norms_and_biases():
   new = optax.apply_updates(params, updates)
   assert float(new["attn"]["q"]["kernel"][0, 0]) < 1.0
   assert float(new["attn"]["q"]["bias"][0]) == 1.0 and float(new["attn_norm"]["scale"][0]) == 1.0
+
+
+def test_schedule_follows_steps_when_a_step_makes_several_updates():
+  # b1 = b2 = 0 and no decay or clipping: each AdamW update of a unit gradient moves the param by
+  # -lr(update) (up to eps), so the deltas read back the rate the optimizer used at each update.
+  cfg = _opt_cfg(warmup_steps=1, b1=0.0, b2=0.0, eps=1e-12, weight_decay=0.0, clip_norm=0.0)
+  tx, schedule = make_optimizer(cfg, total_steps=4, updates_per_step=3)
+  params, state, deltas = jnp.zeros(()), None, []
+  state = tx.init(params)
+  for _ in range(12):
+    updates, state = tx.update(jnp.ones(()), state, params)
+    deltas.append(-float(updates))
+    params = optax.apply_updates(params, updates)
+  expected = [float(schedule(u // 3)) for u in range(12)]
+  np.testing.assert_allclose(deltas, expected, rtol=1e-5)
+  assert expected[3] > expected[-1] > 0  # the schedule does decay over the 4 steps
+  with pytest.raises(ValueError, match="updates_per_step"):
+    make_optimizer(cfg, total_steps=4, updates_per_step=0)

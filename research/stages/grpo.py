@@ -250,6 +250,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
                                      s.sampling.max_new_tokens),
       base_params=base,
       make_step=lambda tx, schedule: make_update_step(models, s, tx, schedule),
+      updates_per_step=s.iterations,
       wrap_step=lambda update, sharding: make_host_step(
           update, sharding, models, s, reward_fns, train_examples,
           [ex["prompt"] for ex in train_examples], tokenizer),

@@ -125,9 +125,8 @@ def grpo_loss_fn(models: GRPOModels, s: GRPOSettings):
 def make_update_step(models: GRPOModels, s: GRPOSettings, tx: optax.GradientTransformation,
                      schedule: optax.Schedule):
   """(state, rollouts) -> (state, metrics): `iterations` optimiser updates over the same rollouts,
-  the old log-probs fixed at sampling time. The optimizer's schedule counts updates, so with
-  iterations > 1 a decaying schedule runs `iterations` times faster than the steps (the presets
-  use a constant rate)."""
+  the old log-probs fixed at sampling time. The stage builds `tx` with
+  `updates_per_step=iterations`, so its schedule follows steps, not updates."""
   loss_fn = grpo_loss_fn(models, s)
 
   def step(state: TrainState, rows: dict):

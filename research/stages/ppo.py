@@ -230,6 +230,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
       tokens_per_row=train_rows["prompt_tokens"].shape[1] + settings.sampling.max_new_tokens,
       base_params=base, make_step=lambda tx, schedule: make_ppo_step(models, settings, tx,
                                                                      schedule),
+      updates_per_step=settings.epochs * settings.minibatches,
       make_evaluator=ppo_evaluator(eval_rows, models, settings, tokenizer,
                                    os.path.join(workdir, "samples.txt")),
       meta={"model_config": policy_cfg.to_dict(), "peft_config": peft.to_dict()},

@@ -44,6 +44,9 @@ class StageSpec:
   # Host work around the jitted step, (jitted step, batch sharding) -> the step the loop calls
   # (GRPO samples, then scores with rewards that are Python code, before each update).
   wrap_step: Callable[[Callable, Any], Callable] | None = None
+  # Optimizer updates per step of `make_step` (PPO: epochs x minibatches; GRPO: iterations): the
+  # learning-rate schedule then follows train steps, not updates.
+  updates_per_step: int = 1
 
 
 def overlay(fresh: Any, base: Any) -> Any:
@@ -75,7 +78,8 @@ def run_training(config: ConfigDict, workdir: str, resume: bool, spec: StageSpec
                      loss_fn=None if spec.make_step else spec.train_loss,
                      micro_batches=config.train.micro_batches, make_step=spec.make_step,
                      eval_loss=spec.eval_loss or spec.train_loss,
-                     with_eval=spec.make_evaluator is not None)
+                     with_eval=spec.make_evaluator is not None,
+                     updates_per_step=spec.updates_per_step)
   tx, shardings = built.tx, built.shardings
   checkpointer = Checkpointer(wd.checkpoint_dir(workdir), config.train.keep_checkpoints,
                               async_save=config.train.async_checkpoints)

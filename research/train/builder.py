@@ -42,14 +42,15 @@ class BuiltStep:
 def build_step(*, init_fn: BoxedInit, optimizer: ConfigDict, total_steps: int, mesh: Mesh,
                rules: Rules = DEFAULT_RULES, loss_fn: LossFn | None = None, micro_batches: int = 1,
                make_step: StepFactory | None = None, eval_loss: LossFn | None = None,
-               with_eval: bool = False) -> BuiltStep:
+               with_eval: bool = False, updates_per_step: int = 1) -> BuiltStep:
   """The jitted step of `loss_fn` (or of `make_step`) with explicit shardings from `mesh`/`rules`.
 
   `with_eval` also jits an eval step over `eval_loss` (default: `loss_fn`; none when neither is
-  given: a stage with its own step evaluates with its own programs)."""
+  given: a stage with its own step evaluates with its own programs). `updates_per_step`: the
+  optimizer updates one step of `make_step` makes (see `make_optimizer`)."""
   if (loss_fn is None) == (make_step is None):
     raise ValueError("build_step takes exactly one of loss_fn and make_step")
-  tx, schedule = make_optimizer(optimizer, total_steps)
+  tx, schedule = make_optimizer(optimizer, total_steps, updates_per_step)
   abstract, shardings = abstract_state(init_fn, tx, mesh, rules)
   b_sharding = batch_sharding(mesh, rules)
   step_fn = (make_step(tx, schedule) if make_step is not None else

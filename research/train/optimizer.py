@@ -38,13 +38,23 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: Any, total_steps: int, updates_per_step: int = 1
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`cfg` is the `optimizer` section: lr, warmup_steps, schedule, min_lr_ratio, b1, b2, eps,
-  weight_decay, clip_norm."""
+  weight_decay, clip_norm. Returns (optimizer, schedule over train steps).
+
+  `updates_per_step`: how many optimizer updates one train step makes (PPO's epochs x
+  minibatches, GRPO's iterations). optax counts updates, so the optimizer reads the schedule at
+  update // updates_per_step: warm-up and decay follow `train.steps` whatever the step's inner
+  loop."""
+  if not isinstance(updates_per_step, int) or updates_per_step < 1:
+    raise ValueError(f"updates_per_step must be a positive integer, got {updates_per_step!r}")
   schedule = learning_rate_schedule(cfg, total_steps)
+  by_update = schedule if updates_per_step == 1 else (
+      lambda count: schedule(count // updates_per_step))
   parts = []
   if cfg.clip_norm and cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(float(cfg.clip_norm)))
-  parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
+  parts.append(optax.adamw(by_update, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
                            weight_decay=float(cfg.weight_decay), mask=weight_decay_mask))
   return optax.chain(*parts), schedule
