@@ -190,3 +190,20 @@ def test_what_this_decoder_cannot_compute_is_one_config_error():
     hf_config_from_model_config(llama, "llama")
   with pytest.raises(ConfigError, match="model.norm_offset=0.0 cannot be exported as gemma2"):
     hf_config_from_model_config(llama, "gemma2")
+
+
+@pytest.mark.parametrize("name", ["gemma3_4b", "qwen3_8b"])
+def test_planner_models_have_the_published_shapes(name):
+  """The planner's real-size configs export to a config.json whose transformers model (built on
+  the meta device: no memory) has exactly the parameters ModelConfig counts."""
+  from configs import plan_models  # pylint: disable=import-outside-toplevel
+  from research.models.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig.from_dict(getattr(plan_models, name)().to_dict())
+  hf = hf_config_from_model_config(cfg)
+  assert model_config_from_hf(hf) == cfg.replace(dtype="float32")
+  config = transformers.AutoConfig.for_model(**hf)
+  with torch.device("meta"):
+    model = transformers.AutoModelForCausalLM.from_config(config)
+  assert model.num_parameters() == cfg.num_params()
+  want = {"gemma3_4b": 3_880_263_168, "qwen3_8b": 8_190_735_360}[name]
+  assert cfg.num_params() == want
