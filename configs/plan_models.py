@@ -44,10 +44,10 @@ def gemma3_4b(**overrides) -> ConfigDict:
 
 
 def qwen3_8b(**overrides) -> ConfigDict:
-  """Qwen3-8B: q/k norms, rope base 1e6, untied embeddings."""
+  """Qwen3-8B: q/k norms, rope base 1e6, untied embeddings; head_dim 128 = hidden / heads."""
   return common.model_config(
       vocab_size=151936, hidden_size=4096, num_layers=36, num_heads=32, num_kv_heads=8,
-      head_dim=128, mlp_dim=12288, rms_norm_eps=1e-6, max_position_embeddings=40960,
+      mlp_dim=12288, rms_norm_eps=1e-6, max_position_embeddings=40960,
       rope_theta=1_000_000.0, qk_norm=True, tie_embeddings=False, dtype="bfloat16",
       scan_layers=True, hf_architecture="qwen3", **overrides)
 
