@@ -70,9 +70,11 @@ def decode_length_error(cfg: ModelConfig, rows: int, prompt_tokens: int, padded_
                         max_new_tokens: int, free_bytes: int | None) -> str | None:
   """Why decoding `max_new_tokens` after a prompt of `prompt_tokens` tokens cannot run, or None:
   positions past `cfg.max_position_embeddings` (the model never saw them), or a KV cache larger
-  than `free_bytes`."""
+  than `free_bytes`. Dynamic NTK rope has no such limit: it rescales its base to each call's
+  longest position, so max_position_embeddings is where stretching starts, not a bound."""
   limit = cfg.max_position_embeddings
-  if prompt_tokens + max_new_tokens > limit:
+  dynamic = cfg.rope_scaling is not None and dict(cfg.rope_scaling)["rope_type"] == "dynamic"
+  if prompt_tokens + max_new_tokens > limit and not dynamic:
     room = max(limit - prompt_tokens, 0)
     return (f"--max_new_tokens={max_new_tokens} after a prompt of {prompt_tokens} tokens needs "
             f"{prompt_tokens + max_new_tokens} positions, but the model has "

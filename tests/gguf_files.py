@@ -42,7 +42,7 @@ def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _hf_state(arch: str, cfg: dict, tie: bool, seed: int) -> dict[str, np.ndarray]:
   """Random HF-named float32 tensors of a tiny model ([out, in] Linear weights)."""
   rng = np.random.default_rng(seed)
-  e, f, v, d = cfg["hidden"], cfg["mlp"], cfg["vocab"], cfg["hidden"] // cfg["heads"]
+  e, f, v, d = cfg["hidden"], cfg["mlp"], cfg["vocab"], cfg["head_dim"]
   h, k = cfg["heads"], cfg["kv_heads"]
   w = lambda *shape: (0.08 * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
   out = {"model.embed_tokens.weight": w(v, e), "model.norm.weight": 1 + w(e)}
@@ -58,6 +58,8 @@ def _hf_state(arch: str, cfg: dict, tie: bool, seed: int) -> dict[str, np.ndarra
     if arch == "qwen2":
       out.update({p + "self_attn.q_proj.bias": w(h * d), p + "self_attn.k_proj.bias": w(k * d),
                   p + "self_attn.v_proj.bias": w(k * d)})
+    if arch == "qwen3":
+      out.update({p + "self_attn.q_norm.weight": 1 + w(d), p + "self_attn.k_norm.weight": 1 + w(d)})
   return out
 
 
@@ -65,7 +67,8 @@ _GGUF_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", 
                "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 
 
 def _gguf_name(hf_name: str) -> str:
@@ -79,11 +82,13 @@ def _gguf_name(hf_name: str) -> str:
 def write_gguf(path: pathlib.Path, *, arch: str = "llama", quant: str = "F32", tie: bool = False,
                name: str = "tiny", seed: int = 0, layers: int = 2, hidden: int = 64,
                rope_theta: float = 10000.0, extra_tensors: dict | None = None,
-               extra_fields: dict | None = None) -> pathlib.Path:
+               extra_fields: dict | None = None, head_dim: int | None = None) -> pathlib.Path:
   """A GGUF file of a random tiny `arch` model; matrices in `quant` (F32, F16, Q8_0, or Q8_1
-  as zero bytes, which nothing here dequantises)."""
+  as zero bytes, which nothing here dequantises). `head_dim` other than hidden / heads is written
+  as attention.key_length (as llama.cpp's converter does); qwen3 files carry q/k norms."""
   tokens = tokenizer_tokens()
-  cfg = dict(hidden=hidden, mlp=128, vocab=len(tokens), heads=4, kv_heads=2, layers=layers)
+  cfg = dict(hidden=hidden, mlp=128, vocab=len(tokens), heads=4, kv_heads=2, layers=layers,
+             head_dim=head_dim or hidden // 4)
   writer = gguf.GGUFWriter(str(path), arch)
   writer.add_name(name)
   writer.add_context_length(256)
@@ -96,6 +101,9 @@ def write_gguf(path: pathlib.Path, *, arch: str = "llama", quant: str = "F32", t
   writer.add_layer_norm_rms_eps(1e-5)
   if arch == "llama":
     writer.add_rope_dimension_count(cfg["hidden"] // cfg["heads"])
+  if head_dim is not None:
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
   writer.add_file_type({"F32": 0, "F16": 1, "Q8_0": 7}.get(quant, 0))
   writer.add_tokenizer_model("gpt2")
   writer.add_tokenizer_pre("default")

@@ -280,22 +280,27 @@ def test_config_errors(hf_dirs, tmp_path):
   (gpt2_dir / "config.json").write_text(json.dumps(gpt2))
   with pytest.raises(ConfigError, match="gpt2"):
     load_hf_checkpoint(gpt2_dir)
-  for key in ("rope_parameters", "rope_scaling"):
-    yarn = {**base, key: {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}
-    with pytest.raises(ConfigError, match=f"{key}.rope_type='yarn'"):
-      model_config_from_hf(yarn)
+  for key in ("rope_parameters", "rope_scaling"):  # scaled RoPE: tests/test_rope_scaling.py
+    longrope = {**base, key: {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                              "long_factor": [2.0] * 4, "original_max_position_embeddings": 16,
+                              "rope_theta": 10000.0}}
+    with pytest.raises(ConfigError, match=f"{key}.rope_type='longrope'"):
+      model_config_from_hf(longrope)
   legacy = {**base, "rope_theta": 1234.0, "rope_scaling": None}
   del legacy["rope_parameters"]
   assert model_config_from_hf(legacy).rope_theta == 1234.0
+  # Sliding windows are read as transformers applies them (tests/test_interop_sliding.py runs them).
   windowed = json.loads((hf_dirs["mistral"] / "config.json").read_text())
   windowed["sliding_window"] = 16
-  with pytest.raises(ConfigError, match="sliding_window=16"):
-    model_config_from_hf(windowed)
+  assert model_config_from_hf(windowed).sliding_layers() == (True, True)
+  del windowed["sliding_window"]  # MistralConfig's default window
+  assert model_config_from_hf(windowed).sliding_window == 4096
   qwen = json.loads((hf_dirs["qwen2"] / "config.json").read_text())
-  model_config_from_hf({**qwen, "sliding_window": 16, "use_sliding_window": False})
-  with pytest.raises(ConfigError, match="sliding_window=16"):
-    model_config_from_hf({**qwen, "sliding_window": 16, "use_sliding_window": True,
-                          "max_window_layers": 0, "layer_types": None})
+  off = model_config_from_hf({**qwen, "sliding_window": 16, "use_sliding_window": False})
+  assert off.sliding_window is None and off.layer_types is None
+  on = model_config_from_hf({**qwen, "sliding_window": 16, "use_sliding_window": True,
+                             "max_window_layers": 1, "layer_types": None})
+  assert on.sliding_window == 16 and on.sliding_layers() == (False, True)
   with pytest.raises(ConfigError, match="mlp_bias"):
     model_config_from_hf({**base, "mlp_bias": True})
   with pytest.raises(ConfigError, match="attention_bias=true.*o_proj"):

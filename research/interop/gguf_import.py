@@ -19,6 +19,7 @@ import numpy as np
 
 from research.errors import CheckpointError, ConfigError
 from research.interop import hf_gemma
+from research.interop.gguf_rope import rope_scaling_from_gguf
 from research.interop.hf_config import model_config_from_hf
 from research.interop.hf_import import (Params, _leaf, _set_leaf, from_hf_layout, hf_names,
                                         tensor_layout)
@@ -31,13 +32,15 @@ DEQUANTISED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0
                      "Q4_K", "Q5_K", "Q6_K")
 # GGUF `general.architecture` -> HF model_type. llama.cpp writes Mistral 7B-style files as "llama"
 # (the same network); the file's name tells them apart, as transformers does.
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2",
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
                       "gemma3": "gemma3_text"}
 # llama.cpp stores Gemma's norm weights as the scale it multiplies by, 1 + w; transformers'
 # loader (Gemma2TensorProcessor) subtracts the 1 again from every `*norm.weight`, and so does this.
 _NORM_PLUS_ONE = ("gemma2", "gemma3")
+# Llama 3.x's per-frequency rope divisors (see gguf_rope.py); not a weight.
+ROPE_FREQS = "rope_freqs.weight"
 # llama.cpp's converter interleaves the rows of q and k for its rotary layout in these
-# architectures (convert_hf_to_gguf.py LlamaModel.permute); Qwen2 files keep the HF order.
+# architectures (convert_hf_to_gguf.py LlamaModel.permute); Qwen2/Qwen3 files keep the HF order.
 _PERMUTED_QK = ("llama",)
 
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
@@ -49,6 +52,7 @@ _LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
@@ -104,8 +108,10 @@ def hf_model_type(meta: Mapping[str, Any], where: str) -> str:
 
 
 def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
-                        where: str = "GGUF file") -> dict[str, Any]:
-  """The HF `config.json` dict this file's metadata describes (validated by model_config_from_hf)."""
+                        where: str = "GGUF file", rope_freqs: np.ndarray | None = None
+                        ) -> dict[str, Any]:
+  """The HF `config.json` dict this file's metadata (and its `rope_freqs` tensor, if any)
+  describes (validated by model_config_from_hf)."""
   model_type = hf_model_type(meta, where)
   arch = meta["general.architecture"]
 
@@ -141,13 +147,13 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
       "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
       "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
   }
-  scaling = meta.get(f"{arch}.rope.scaling.type")
-  if scaling not in (None, "none"):
-    d["rope_scaling"] = {"rope_type": scaling,
-                         "factor": meta.get(f"{arch}.rope.scaling.factor")}
-  if f"{arch}.attention.sliding_window" in meta:
-    d["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
-    d["use_sliding_window"] = True
+  scaling = rope_scaling_from_gguf(meta, arch, d["rope_theta"], head_dim,
+                                   d["max_position_embeddings"], rope_freqs, where)
+  if scaling is not None:
+    d["rope_scaling"] = scaling
+  # No sliding-window metadata is read, as transformers' GGUF loader reads none for these
+  # architectures: a "mistral" file then takes MistralConfig's default window (4096), Qwen files
+  # none (use_sliding_window defaults to false); see hf_config._sliding_window.
   return d
 
 
@@ -214,6 +220,8 @@ def _dequantise(tensor: Any, gguf: Any) -> np.ndarray:
 def _tensors_by_hf_name(reader: Any, where: str, arch: str) -> dict[str, Any]:
   by_name, unknown, bad_types = {}, [], set()
   for t in reader.tensors:
+    if t.name == ROPE_FREQS:  # read into the config's rope_scaling (gguf_model_config)
+      continue
     name = hf_tensor_name(t.name, arch)
     if name is None:
       unknown.append(t.name)
@@ -221,10 +229,8 @@ def _tensors_by_hf_name(reader: Any, where: str, arch: str) -> dict[str, Any]:
       bad_types.add(t.tensor_type.name)
     by_name[name] = t
   if unknown:
-    why = " (rope_freqs: Llama 3.1 rope scaling, which this decoder lacks)" if (
-        "rope_freqs.weight" in unknown) else ""
     raise CheckpointError(f"{where} has tensors this decoder has no place for: {unknown[:8]}"
-                          f"{' ...' if len(unknown) > 8 else ''}{why}")
+                          f"{' ...' if len(unknown) > 8 else ''}")
   if bad_types:
     raise CheckpointError(f"{where} holds tensors of quantisation type {sorted(bad_types)}, which "
                           f"cannot be dequantised here; supported: {', '.join(DEQUANTISED_TYPES)}")
@@ -234,7 +240,10 @@ def _tensors_by_hf_name(reader: Any, where: str, arch: str) -> dict[str, Any]:
 def gguf_model_config(path: str | os.PathLike, reader: Any = None) -> ModelConfig:
   reader = reader if reader is not None else open_gguf(path)
   names = {t.name for t in reader.tensors}
-  return model_config_from_hf(hf_config_from_gguf(gguf_metadata(reader), names, str(path)))
+  rope_freqs = next((np.asarray(_dequantise(t, _import_gguf()), np.float32).reshape(-1)
+                     for t in reader.tensors if t.name == ROPE_FREQS), None)
+  return model_config_from_hf(hf_config_from_gguf(gguf_metadata(reader), names, str(path),
+                                                  rope_freqs))
 
 
 def load_gguf_checkpoint(path: str | os.PathLike,

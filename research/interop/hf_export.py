@@ -260,9 +260,10 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
   """Write an HF checkpoint dir: config.json, safetensors weights, generation_config.json, tokenizer.
 
   `params`: scanned or unrolled (per `layers` / `layers_i` keys), numpy or jax (sharded is fine:
-  one layer slice at a time crosses to host). `architecture`: one of HF_ARCHITECTURES; None takes
-  `cfg.hf_architecture`, else llama. `tokenizer`: a transformers tokenizer or a directory holding
-  one. `generation_config`: fields merged over the config's bos/eos/pad ids. A tensor holding NaN
+  one layer slice at a time crosses to host). `architecture`: one of HF_ARCHITECTURES; None
+  takes `cfg.hf_architecture`, else the one that expresses the config (hf_config). `tokenizer`: a
+  transformers tokenizer or a directory holding one. `generation_config`: fields merged over the
+  config's bos/eos/pad ids. A tensor holding NaN
 or inf is refused unless `allow_non_finite`. Returns `out_dir`.
   """
   if dtype not in EXPORT_DTYPES:

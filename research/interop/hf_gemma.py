@@ -117,6 +117,10 @@ def check_block(cfg: ModelConfig, arch: str) -> None:
       if getattr(cfg, name) is not None:
         raise ConfigError(f"model.{name}={getattr(cfg, name)} cannot be exported as {arch}, "
                           f"which has no such field; export as gemma2")
+  if gemma and cfg.qk_norm != (arch == "gemma3_text"):
+    raise ConfigError(f"model.qk_norm={cfg.qk_norm} cannot be exported as {arch}: Gemma 3 always "
+                      f"has q/k norms and Gemma 2 never; export as "
+                      f"{'gemma3_text' if cfg.qk_norm else 'gemma2'}")
   if arch == "gemma3_text" and cfg.attn_logit_softcap is not None:
     raise ConfigError(f"model.attn_logit_softcap={cfg.attn_logit_softcap} cannot be exported as "
                       f"gemma3_text: transformers' Gemma 3 does not apply it; export as gemma2")

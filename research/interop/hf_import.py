@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama/Qwen2/Mistral/Gemma 2/Gemma 3 text safetensors checkpoint into this decoder's scanned params.
+"""Load a Hugging Face Llama/Qwen2/Mistral/Qwen3/Gemma 2/Gemma 3 text safetensors checkpoint into
+this decoder's scanned params.
 
 Tensors are read one at a time and each stacked [L, ...] leaf is filled layer by layer, so the host
 holds about one leaf beyond what is already placed; with `shardings` each leaf goes straight onto
@@ -63,9 +64,13 @@ def tensor_layout(cfg: ModelConfig, *, attention_bias: bool | None = None) -> li
     if bias:
       specs.append(TensorSpec(("layers", "attn", name, "bias"), p + f"self_attn.{name}_proj.bias",
                               "heads_bias", (n * d,), (n, d)))
+  specs.append(TensorSpec(("layers", "attn", "o", "kernel"), p + "self_attn.o_proj.weight",
+                          "heads_out", (e, h * d), (h, d, e)))
+  if cfg.qk_norm:
+    specs += [TensorSpec(("layers", "attn", f"{name}_norm", "scale"),
+                         p + f"self_attn.{name}_norm.weight", "identity", (d,), (d,))
+              for name in ("q", "k")]
   specs += [
-      TensorSpec(("layers", "attn", "o", "kernel"), p + "self_attn.o_proj.weight", "heads_out",
-                 (e, h * d), (h, d, e)),
       TensorSpec(("layers", "mlp", "gate", "kernel"), p + "mlp.gate_proj.weight", "transpose",
                  (f, e), (e, f)),
       TensorSpec(("layers", "mlp", "up", "kernel"), p + "mlp.up_proj.weight", "transpose", (f, e),
@@ -84,9 +89,6 @@ def tensor_layout(cfg: ModelConfig, *, attention_bias: bool | None = None) -> li
              ("mlp_post_norm", "post_feedforward_layernorm")]
   specs += [TensorSpec(("layers", ours, "scale"), p + f"{theirs}.weight", "identity", (e,), (e,))
             for ours, theirs in norms]
-  if cfg.qk_norm:
-    specs += [TensorSpec(("layers", "attn", f"{x}_norm", "scale"), p + f"self_attn.{x}_norm.weight",
-                         "identity", (d,), (d,)) for x in ("q", "k")]
   specs.append(TensorSpec(("final_norm", "scale"), "model.norm.weight", "identity", (e,), (e,)))
   if not cfg.tie_embeddings:
     specs.append(TensorSpec(("lm_head", "kernel"), "lm_head.weight", "transpose", (v, e), (e, v)))

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from research.errors import ConfigError
+from research.models.rope import validate_rope_scaling
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 ATTENTION = ("auto", "reference", "cpu_blocked", "cudnn", "splash")  # see models/attention.py
@@ -23,7 +24,8 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_st
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama-family decoder (Llama, Qwen2, Mistral share it; options cover their differences)."""
+  """A Llama-family decoder (Llama, Qwen2, Mistral, Qwen3, Gemma 2 and 3 share it; options cover
+  their differences)."""
 
   vocab_size: int = 8192
   hidden_size: int = 256
@@ -97,10 +99,16 @@ class ModelConfig:
     # JSON (model_config.json) gives lists; the config keeps tuples so it stays hashable.
     if isinstance(self.layer_types, list):
       object.__setattr__(self, "layer_types", tuple(self.layer_types))
-    if self.rope_scaling is not None and not isinstance(self.rope_scaling, tuple):
+    if self.rope_scaling is not None:
       items = self.rope_scaling.items() if isinstance(self.rope_scaling, Mapping) else self.rope_scaling
-      object.__setattr__(self, "rope_scaling", tuple(
-          (str(k), tuple(v) if isinstance(v, list) else v) for k, v in items))
+      # One order (rope_type first, then by key): equal scalings give equal, equally hashed configs.
+      try:
+        pairs = sorted(((str(k), tuple(v) if isinstance(v, list) else v) for k, v in items),
+                       key=lambda kv: (kv[0] != "rope_type", kv[0]))
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.rope_scaling must be a dict of rope parameters (or None), got "
+                          f"{self.rope_scaling!r}") from e
+      object.__setattr__(self, "rope_scaling", tuple(pairs))
     self.validate()
 
   @property
@@ -160,6 +168,7 @@ class ModelConfig:
       value = getattr(self, name)
       if value is not None and not (isinstance(value, (int, float)) and value > 0):
         raise ConfigError(f"model.{name} must be a positive number or None, got {value!r}")
+    validate_rope_scaling(None if self.rope_scaling is None else dict(self.rope_scaling))
     if self.attention not in ATTENTION:
       raise ConfigError(f"model.attention={self.attention!r}; choose one of {ATTENTION}")
     if self.remat_policy not in REMAT_POLICIES:

@@ -259,9 +259,9 @@ def streamed(block_cls):
   keeps the block's parameter paths, and one remat region (and one scan body) spans all slices.
   """
   class Streamed(block_cls):
-    def __call__(self, xs_bte, mask_infos, ropes, layer_kv=None):
+    def __call__(self, xs_bte, mask_infos, ropes, layer_kv=None, sliding=None):
       assert layer_kv is None, "layer streams never run with a KV cache"
-      outs = tuple(block_cls.__call__(self, x_bte, mask_info, rope)[0]
+      outs = tuple(block_cls.__call__(self, x_bte, mask_info, rope, None, sliding)[0]
                    for x_bte, mask_info, rope in zip(xs_bte, mask_infos, ropes))
       return outs, None
 

@@ -17,7 +17,8 @@ import numpy as np
 from research.models import cpu_kernels
 from research.models.attention import make_mask_info, uses_cpu_kernels
 from research.models.config import ModelConfig
-from research.models.layers import DecoderBlock, RMSNorm, logical, param_init, rotary_tables
+from research.models.layers import DecoderBlock, RMSNorm, logical, param_init
+from research.models.rope import rotary_tables
 from research.models.peft import NO_PEFT, PeftConfig
 from research.models.softcap import soft_cap
 from research.parallel import activations as act
@@ -106,15 +107,32 @@ class Decoder(nn.Module):
     return logits_btv, hidden_bte, new_cache
 
   def _rotary(self, positions_bt):
-    # Built once per call, read by every layer (see rotary_tables).
+    # Built once per call and read by every layer (made inside each layer, XLA fuses the
+    # trigonometry into the layer's q/k transposes and recomputes it per head, per layer and again
+    # under remat); with a local rope base, both tables, and each layer picks its own
+    # (layers.layer_rope). The local layers take plain RoPE.
     cfg = self.config
-    return rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
+    scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    full = rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_theta, scaling,
+                         cfg.max_position_embeddings)
+    if cfg.rope_local_theta is None:
+      return full
+    return full, rotary_tables(positions_bt, cfg.resolved_head_dim, cfg.rope_local_theta)
+
+  def _mask_info(self, q_segments_bt, kv_segments_bs=None, q_offset=None):
+    """One mask info for every layer: the windowed dense mask only if some layer slides, the full
+    one only if some layer does not."""
+    cfg = self.config
+    sliding = cfg.sliding_layers()
+    return make_mask_info(cfg.attention, q_segments_bt, kv_segments_bs, q_offset,
+                          window=cfg.sliding_window if any(sliding) else None,
+                          full=not all(sliding))
 
   def _layers(self, x_bte, segment_ids_bt, positions_bt):
     """Training and cacheless forward: each token attends to the tokens before it in its segment.
     The CPU path runs the layers on row slices (`layer_streams`)."""
     cfg = self.config
-    mask_info = make_mask_info(cfg.attention, segment_ids_bt)
+    mask_info = self._mask_info(segment_ids_bt)
     rope = self._rotary(positions_bt)
     streams = layer_streams(cfg, x_bte.shape[0])
     if streams == 1:
@@ -130,7 +148,7 @@ class Decoder(nn.Module):
     index = cache["index"]
     kv_segments_bs = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_bt,
                                                   (0, index))
-    mask_info = make_mask_info(cfg.attention, segment_ids_bt, kv_segments_bs, index)
+    mask_info = self._mask_info(segment_ids_bt, kv_segments_bs, index)
     rope = self._rotary(positions_bt)
     x_bte, new_kv = self._stack(DecoderBlock, x_bte, mask_info, rope, (cache["k"], cache["v"]))
     return x_bte, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_segments_bs,
@@ -143,16 +161,19 @@ class Decoder(nn.Module):
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=not cfg.scan_layers)
+    sliding = cfg.sliding_layers()
     if cfg.scan_layers:
+      # Layers that differ get their sliding flag as a scanned input; alike, none is traced.
+      flags_l = None if len(set(sliding)) == 1 else jnp.asarray(sliding)
       return nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+          in_axes=(nn.broadcast, nn.broadcast, 0, 0), length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, peft, self.deterministic, name="layers")(x_bte, mask_info, rope, layers_kv)
+      )(cfg, peft, self.deterministic, name="layers")(x_bte, mask_info, rope, layers_kv, flags_l)
     new_kv = []
     for i in range(cfg.num_layers):
       layer_kv = None if layers_kv is None else (layers_kv[0][i], layers_kv[1][i])
-      x_bte, kv = block(cfg, peft, self.deterministic, name=f"layers_{i}")(
+      x_bte, kv = block(cfg, peft, self.deterministic, sliding[i], name=f"layers_{i}")(
           x_bte, mask_info, rope, layer_kv)
       new_kv.append(kv)
     if layers_kv is None:

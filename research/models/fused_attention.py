@@ -49,9 +49,13 @@ def splash_block(t: int, s: int) -> int:
 
 
 def _splash_kernel(t: int, s: int, groups: int, block: int, interpret: bool,
-                   softcap: float | None = None):
+                   window: int | None = None, softcap: float | None = None):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
-  mask = splash.MultiHeadMask([splash.CausalMask((t, s))] * groups)
+  if window is None:
+    head_mask = splash.CausalMask((t, s))
+  else:  # query i sees keys i - (window - 1) .. i: causal and windowed in one local mask
+    head_mask = splash.LocalMask((t, s), window_size=(window - 1, 0), offset=0)
+  mask = splash.MultiHeadMask([head_mask] * groups)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
@@ -64,9 +68,11 @@ def _splash_kernel(t: int, s: int, groups: int, block: int, interpret: bool,
 
 
 def splash_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale: float, *,
-                     softcap: float | None = None, interpret: bool = False):
+                     window: int | None = None, softcap: float | None = None,
+                     interpret: bool = False):
   """Pallas splash attention: per batch row and KV head, the multi-query kernel over the H / K
-  query heads that share that KV head (query head h reads KV head h // (H / K)).
+  query heads that share that KV head (query head h reads KV head h // (H / K)). With `window`,
+  a query sees only the keys less than `window` slots back (splash's local mask).
 
   Padding (segment 0) queries attend to padding keys, so no query row is fully masked (the kernel
   needs that); their outputs are then zeroed. `interpret` runs the kernel's Pallas program with
@@ -75,7 +81,7 @@ def splash_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scal
   sharded = act.active()
   if sharded is None:
     return _splash_local(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale,
-                         interpret, softcap)
+                         interpret, window, softcap)
   # Mosaic kernels are not partitioned by XLA: each device runs the kernel on its own rows and
   # KV heads (with the query heads that read them); every device holds all of the sequence.
   mesh, rules = sharded
@@ -83,20 +89,22 @@ def splash_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scal
   kv_spec = P(kv_spec[0], None, kv_spec[2], None)
   q_spec = P(kv_spec[0], None, kv_spec[2], None)  # query heads split as their KV heads are
   seg_spec = P(kv_spec[0], None)
-  local = functools.partial(_splash_local, scale=scale, interpret=interpret, softcap=softcap)
+  local = functools.partial(_splash_local, scale=scale, interpret=interpret, window=window,
+                            softcap=softcap)
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                        out_specs=q_spec, check_vma=False)(
                            q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs)
 
 
 def _splash_local(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale: float,
-                  interpret: bool = False, softcap: float | None = None):
+                  interpret: bool = False, window: int | None = None,
+                  softcap: float | None = None):
   """`splash_attention` on the arrays as given (one device's shard, or unsharded)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   b, t, h, d = q_bthd.shape
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   groups = h // kv_heads
-  kernel = _splash_kernel(t, s, groups, splash_block(t, s), interpret, softcap)
+  kernel = _splash_kernel(t, s, groups, splash_block(t, s), interpret, window, softcap)
   # The kernel does not scale the scores.
   q_bkgtd = (q_bthd * scale).astype(q_bthd.dtype).reshape(b, t, kv_heads, groups, d)
   q_bkgtd = q_bkgtd.transpose(0, 2, 3, 1, 4)

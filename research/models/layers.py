@@ -18,6 +18,7 @@ from research.models import cpu_kernels
 from research.models.attention import FUSED, MaskInfo, attention, resolve, uses_cpu_kernels
 from research.models.config import ModelConfig
 from research.models.peft import NO_PEFT, BottleneckAdapter, LoraDelta, PeftConfig
+from research.models.rope import rotary_tables  # noqa: F401  (the decoder's, re-exported)
 from research.parallel import activations as act
 
 Initializer = Callable[..., jax.Array]
@@ -33,17 +34,20 @@ def logical(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
 
 
 class RMSNorm(nn.Module):
-  """Normalises the last axis, then scales it by `offset + scale`; `scale` starts where that
-  product is 1 (ones for Llama, zeros for Gemma's offset 1), and equals the HF weight as stored."""
+  """RMSNorm over the last axis, then a scale by `offset + scale`; `scale` starts where that
+  product is 1 (ones for Llama, zeros for Gemma's offset 1), and equals the HF weight as stored.
+  `axis_name` is the logical name of that axis (the per-head q/k norms normalise over
+  'head_dim')."""
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  axis_name: str = "embed"
   offset: float = 0.0
 
   @nn.compact
   def __call__(self, x_bte: jax.Array) -> jax.Array:
     init = nn.initializers.constant(1.0 - self.offset)
-    scale_e = self.param("scale", logical(init, ("embed",)), (x_bte.shape[-1],),
+    scale_e = self.param("scale", logical(init, (self.axis_name,)), (x_bte.shape[-1],),
                          self.param_dtype)
     x32 = x_bte.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -102,15 +106,16 @@ geglu.defvjp(_geglu_fwd, _geglu_bwd)
 GATED_ACTIVATIONS = {"silu": swiglu, "gelu_tanh": geglu}  # by ModelConfig.mlp_activation
 
 
-def rotary_tables(positions_bt: jax.Array, head_dim: int, theta: float):
-  """(cos, sin), float32 [B, T, 1, D], in the Hugging Face half-rotation layout (first half pairs
-  with second half). The decoder builds them once per call and every layer reads them: made inside
-  each layer, XLA fuses the trigonometry into the layer's q/k transposes and recomputes it per head,
-  per layer and again under remat."""
-  inv_freq_h = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs_bth = positions_bt.astype(jnp.float32)[..., None] * inv_freq_h
-  angles_btd = jnp.concatenate([freqs_bth, freqs_bth], axis=-1)[:, :, None, :]
-  return jnp.cos(angles_btd), jnp.sin(angles_btd)
+def layer_rope(cfg: ModelConfig, rope, sliding):
+  """One layer's (cos, sin). With `cfg.rope_local_theta` the decoder passes both tables,
+  ((cos, sin) of the full layers, (cos, sin) of the sliding ones), and `sliding` (a Python bool
+  or a traced bool scalar) picks; otherwise `rope` is the one (cos, sin)."""
+  if cfg.rope_local_theta is None:
+    return rope
+  full, local = rope
+  if isinstance(sliding, bool):
+    return local if sliding else full
+  return tuple(jnp.where(sliding, l, f) for l, f in zip(local, full))
 
 
 def apply_rotary(x_bthd: jax.Array, cos_bt1d: jax.Array, sin_bt1d: jax.Array) -> jax.Array:
@@ -162,13 +167,22 @@ class Attention(nn.Module):
                       (heads, cfg.resolved_head_dim), 1, cfg, self.deterministic)
 
   @nn.compact
-  def __call__(self, x_bte, mask_info: MaskInfo, rope, cache: KVCache | None = None):
-    """`mask_info` from `attention.make_mask_info`, `rope` = `rotary_tables(...)`: both built once
-    by the decoder for all layers. With `cache`, the keys are the cache's slots."""
+  def __call__(self, x_bte, mask_info: MaskInfo, rope, cache: KVCache | None = None,
+               sliding=False):
+    """`mask_info` from `attention.make_mask_info`, `rope` = `rotary_tables(...)` (see
+    `layer_rope`): both built once by the decoder for all layers. With `cache`, the keys are the
+    cache's slots. `sliding`: this layer attends through `cfg.sliding_window` (a Python bool, or
+    a traced bool scalar under `nn.scan`)."""
     cfg = self.config
     q_bthd = act.constrain(self._proj(x_bte, cfg.num_heads, "heads", "q"), act.QUERY_HEADS)
     k_btkd = act.constrain(self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "k"), act.KV_HEADS)
     v_btkd = act.constrain(self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "v"), act.KV_HEADS)
+    if cfg.qk_norm:  # per head, over head_dim, before the rotation (Qwen3, Gemma 3)
+      norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                  axis_name="head_dim", offset=cfg.norm_offset)
+      q_bthd = RMSNorm(**norm, name="q_norm")(q_bthd)
+      k_btkd = RMSNorm(**norm, name="k_norm")(k_btkd)
+    rope = layer_rope(cfg, rope, sliding)
     # Named for remat policies that keep them (see decoder._REMAT_POLICIES' 'dots_attention').
     q_bthd = checkpoint_name(apply_rotary(q_bthd, *rope), "rotary")
     k_btkd = checkpoint_name(apply_rotary(k_btkd, *rope), "rotary")
@@ -187,7 +201,8 @@ class Attention(nn.Module):
     scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     out_bthd = attention(q_bthd.astype(cfg.compute_dtype), k_btkd.astype(cfg.compute_dtype),
                          v_btkd.astype(cfg.compute_dtype), mask_info, impl, scale=scale,
-                         softcap=cfg.attn_logit_softcap)
+                         softcap=cfg.attn_logit_softcap, window=cfg.sliding_window,
+                         sliding=sliding)
     base = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, name="o",
@@ -228,10 +243,16 @@ class DecoderBlock(nn.Module):
   Param names: attn_norm (HF input_layernorm), mlp_norm (the pre-MLP norm: Llama's
   post_attention_layernorm, Gemma's pre_feedforward_layernorm), and with `post_norms`
   attn_post_norm (Gemma's post_attention_layernorm) and mlp_post_norm
-  (post_feedforward_layernorm)."""
+  (post_feedforward_layernorm).
+
+  Whether the layer slides (`cfg.sliding_layers()`): `layer_sliding` when the block is one
+  unrolled layer; else the call's `sliding`, a bool scalar scanned over the layers when they
+  differ; else (both None) every layer is the same and the config says which, statically.
+  """
   config: ModelConfig
   peft: PeftConfig = NO_PEFT
   deterministic: bool = True
+  layer_sliding: bool | None = None
 
   def setup(self):
     cfg, peft = self.config, self.peft
@@ -248,11 +269,15 @@ class DecoderBlock(nn.Module):
       self.attn_adapter = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype)
       self.mlp_adapter = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype)
 
-  def __call__(self, x_bte, mask_info: MaskInfo, rope, layer_kv=None):
+  def __call__(self, x_bte, mask_info: MaskInfo, rope, layer_kv=None, sliding=None):
     adapters = self.peft.method == "adapter"
     cache = None if layer_kv is None else KVCache(*layer_kv, mask_info.q_offset)
+    if self.layer_sliding is not None:
+      sliding = self.layer_sliding
+    elif sliding is None:
+      sliding = self.config.sliding_layers()[0]
     post_norms = self.config.post_norms
-    h_bte, new_kv = self.attn(self.attn_norm(x_bte), mask_info, rope, cache)
+    h_bte, new_kv = self.attn(self.attn_norm(x_bte), mask_info, rope, cache, sliding)
     if adapters:  # on the sublayer's output, before any post-norm (Houlsby's placement)
       h_bte = self.attn_adapter(h_bte)
     if post_norms:
