@@ -146,7 +146,8 @@ def for_platform(cfg: ModelConfig, platform: str) -> ModelConfig:
   """`cfg` with its backend-dependent choices (attention, layer streams) made for `platform`
   instead of for the host this process runs on."""
   from research.models import attention as attention_lib  # pylint: disable=import-outside-toplevel
-  return cfg.replace(attention=attention_lib.resolve(cfg.attention, platform, cfg.dtype))
+  return cfg.replace(attention=attention_lib.resolve(cfg.attention, platform, cfg.dtype,
+                                                     cfg.attn_logit_softcap))
 
 
 def exported_step(config: ConfigDict, cfg: ModelConfig, peft: PeftConfig, mesh: Mesh,

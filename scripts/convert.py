@@ -1,18 +1,21 @@
 """Convert between run directories and Hugging Face checkpoints (safetensors only).
 
   python -m scripts.convert to-hf WORKDIR OUT_DIR [--step N] [--dtype bfloat16] [--overwrite]
-                                  [--architecture llama|qwen2|mistral|qwen3] [--max-shard-bytes B]
+                                  [--architecture ARCH] [--max-shard-bytes B]
                                   [--allow-non-finite]
   python -m scripts.convert to-peft WORKDIR OUT_DIR [--base-dir BASE_OUT] [--step N] [--overwrite]
-                                    [--dtype bfloat16] [--architecture llama|qwen2|mistral|qwen3]
+                                    [--dtype bfloat16] [--architecture ARCH]
   python -m scripts.convert from-hf HF_DIR WORKDIR
   python -m scripts.convert from-gguf FILE.gguf OUT [--to workdir|hf] [--overwrite]
+
+ARCH is a Hugging Face model_type this decoder matches (research.models.config.HF_ARCHITECTURES;
+the exporter names them when given another).
 
 to-hf writes a LoRA run with its adapters merged into the weights; to-peft writes them as a PEFT
 adapter dir beside the frozen base (in OUT_DIR/base, or --base-dir: exported there when missing,
 referenced when it already holds this run's base). from-gguf dequantises a llama.cpp file (Llama,
-Qwen2, Mistral) to float32 and writes a run directory or a Hugging Face dir, tokenizer and chat
-template included.
+Qwen2, Mistral, Gemma 2, Gemma 3 text) to float32 and writes a run directory or a Hugging Face
+dir, tokenizer and chat template included.
 """
 
 from __future__ import annotations
@@ -119,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("out_dir")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral", "qwen3"),
-                 help="default: the one the model was imported from, else llama")
+  p.add_argument("--architecture", default=None,
+                 help="ARCH (default: the one the model was imported from, else llama)")
   p.add_argument("--max-shard-bytes", type=int, default=5 * 10**9)
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   p.add_argument("--allow-non-finite", action="store_true",
@@ -134,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "run's base is referenced, not rewritten")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-  p.add_argument("--architecture", default=None, choices=("llama", "qwen2", "mistral", "qwen3"),
-                 help="of the base; default: the one the model was imported from, else llama")
+  p.add_argument("--architecture", default=None,
+                 help="ARCH of the base (default: the one the model was imported from, else "
+                      "llama)")
   p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
   p.set_defaults(func=to_peft)
   p = sub.add_parser("from-hf", help="Hugging Face dir -> new run directory (step-0 checkpoint)")

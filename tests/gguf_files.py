@@ -139,3 +139,59 @@ def write_gguf(path: pathlib.Path, *, arch: str = "llama", quant: str = "F32", t
   writer.write_tensors_to_file()
   writer.close()
   return path
+
+
+_GEMMA_GGUF_NAMES = {**_GGUF_NAMES, "post_attention_layernorm": "post_attention_norm",
+                     "pre_feedforward_layernorm": "ffn_norm",
+                     "post_feedforward_layernorm": "post_ffw_norm",
+                     "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
+def write_gemma_gguf(path: pathlib.Path, arch: str, config: dict,
+                     state: dict[str, np.ndarray]) -> pathlib.Path:
+  """A GGUF file of a Gemma 2 / Gemma 3 model as llama.cpp's converter writes it: HF tensors
+  `state` (float32, [out, in]) under llama.cpp's names, every norm weight stored as 1 + w (the
+  scale llama.cpp multiplies by), no output.weight when tied; `config` its HF config dict."""
+  tokens = tokenizer_tokens()
+  assert config["vocab_size"] == len(tokens)
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_name(f"tiny {arch}")
+  writer.add_context_length(config["max_position_embeddings"])
+  writer.add_embedding_length(config["hidden_size"])
+  writer.add_block_count(config["num_hidden_layers"])
+  writer.add_feed_forward_length(config["intermediate_size"])
+  writer.add_head_count(config["num_attention_heads"])
+  writer.add_head_count_kv(config["num_key_value_heads"])
+  writer.add_key_length(config["head_dim"])
+  writer.add_value_length(config["head_dim"])
+  writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+  writer.add_sliding_window(config["sliding_window"])
+  if arch == "gemma2":
+    writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+  else:
+    writer.add_rope_freq_base(config["rope_theta"])
+  writer.add_file_type(0)
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(tokens)
+  writer.add_token_types([3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
+  writer.add_token_merges(list(MERGES))
+  writer.add_bos_token_id(2)
+  writer.add_eos_token_id(1)
+  writer.add_pad_token_id(0)
+  for hf_name, x in state.items():
+    base, suffix = hf_name.rsplit(".", 1)
+    if base.startswith("model.layers."):
+      _, _, i, rest = base.split(".", 3)
+      name = f"blk.{i}.{_GEMMA_GGUF_NAMES[rest]}.{suffix}"
+    else:
+      name = f"{_GEMMA_GGUF_NAMES[base]}.{suffix}"
+    if "norm" in base:
+      x = x + 1
+    writer.add_tensor(name, np.ascontiguousarray(x, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path

@@ -110,7 +110,7 @@ def test_convert_from_gguf_to_hf_dir_and_workdir(tmp_path):
 def test_unknown_architecture_is_one_clear_error(tmp_path, capsys):
   path = write_gguf(tmp_path / "phi.gguf", arch="phi3")
   with pytest.raises(ConfigError, match=r"GGUF architecture 'phi3' is not supported; supported: "
-                                        r"\['llama', 'qwen2', 'qwen3'\]"):
+                                        r"\['gemma2', 'gemma3', 'llama', 'qwen2'.*\]"):
     load_gguf_checkpoint(path)
   assert convert.main(["from-gguf", str(path), str(tmp_path / "out")]) == 2
   err = capsys.readouterr().err.strip()

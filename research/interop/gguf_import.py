@@ -1,4 +1,5 @@
-"""Load a llama.cpp GGUF file (Llama, Qwen2, Mistral) into this decoder's scanned params.
+"""Load a llama.cpp GGUF file (Llama, Qwen2, Mistral, Gemma 2, Gemma 3 text) into this decoder's
+scanned params.
 
 Weights are dequantised to float32 by the `gguf` package and go through the same name/layout table
 as a Hugging Face checkpoint (`hf_import.tensor_layout`); the config comes from the file's metadata
@@ -8,6 +9,7 @@ here exactly as `from_pretrained(dir, gguf_file=...)` loads it in transformers.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from typing import Any, Mapping
@@ -16,18 +18,25 @@ import jax
 import numpy as np
 
 from research.errors import CheckpointError, ConfigError
+from research.interop import hf_gemma
 from research.interop.gguf_rope import rope_scaling_from_gguf
 from research.interop.hf_config import model_config_from_hf
 from research.interop.hf_import import (Params, _leaf, _set_leaf, from_hf_layout, hf_names,
                                         tensor_layout)
 from research.models.config import ModelConfig
 
+log = logging.getLogger(__name__)
+
 # Types the `gguf` package dequantises in numpy: the float types, the legacy and the k-quants.
 DEQUANTISED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
                      "Q4_K", "Q5_K", "Q6_K")
 # GGUF `general.architecture` -> HF model_type. llama.cpp writes Mistral 7B-style files as "llama"
 # (the same network); the file's name tells them apart, as transformers does.
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                      "gemma3": "gemma3_text"}
+# llama.cpp stores Gemma's norm weights as the scale it multiplies by, 1 + w; transformers'
+# loader (Gemma2TensorProcessor) subtracts the 1 again from every `*norm.weight`, and so does this.
+_NORM_PLUS_ONE = ("gemma2", "gemma3")
 # Llama 3.x's per-frequency rope divisors (see gguf_rope.py); not a weight.
 ROPE_FREQS = "rope_freqs.weight"
 # llama.cpp's converter interleaves the rows of q and k for its rotary layout in these
@@ -46,6 +55,14 @@ _LAYER_NAMES = {
     "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Gemma's block: llama.cpp's ffn_norm is the pre-MLP norm, which Gemma calls
+# pre_feedforward_layernorm (its post_attention_layernorm normalises the attention's output).
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 
 
@@ -110,6 +127,8 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
   if rotary != head_dim:
     raise ConfigError(f"{where}: {arch}.rope.dimension_count={rotary} rotates part of each "
                       f"{head_dim}-wide head; this decoder rotates whole heads only")
+  if arch in _NORM_PLUS_ONE:
+    return _gemma_hf_config(meta, tensor_names, model_type, arch, where)
   d: dict[str, Any] = {
       "model_type": model_type,
       "hidden_size": hidden,
@@ -138,19 +157,51 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str],
   return d
 
 
+def _gemma_hf_config(meta: Mapping[str, Any], tensor_names: set[str], model_type: str,
+                     arch: str, where: str) -> dict[str, Any]:
+  """What transformers' GGUF loader reads for Gemma (integrations/ggml.py): the shapes, the rope
+  base, eps and the window; every other field (query_pre_attn_scalar, the soft caps, the
+  sliding-layer pattern, Gemma 3's local rope base, token ids) takes the config class's default,
+  as there, so a file loads here as it loads in transformers."""
+  keys = {"context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+          "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+          "rope.freq_base": "rope_theta", "attention.key_length": "head_dim",
+          "attention.head_count": "num_attention_heads",
+          "attention.head_count_kv": "num_key_value_heads",
+          "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+          "attention.sliding_window": "sliding_window", "vocab_size": "vocab_size"}
+  d: dict[str, Any] = {"model_type": model_type,
+                       "tie_word_embeddings": "output.weight" not in tensor_names}
+  for key, name in keys.items():
+    if f"{arch}.{key}" in meta:
+      d[name] = meta[f"{arch}.{key}"]
+  d.setdefault("vocab_size", _vocab_count(meta, where))
+  for key, name in (("attn_logit_softcapping", "attn_logit_softcapping"),
+                    ("final_logit_softcapping", "final_logit_softcapping")):
+    if f"{arch}.{key}" in meta:
+      default = hf_gemma.DEFAULTS[model_type][name]
+      if default is None or abs(float(meta[f"{arch}.{key}"]) - default) > 1e-6:
+        log.warning("%s: %s.%s=%s is not read (transformers' loader takes its default %s); "
+                    "the model follows transformers", where, arch, key, meta[f"{arch}.{key}"],
+                    default)
+  return d
+
+
 def _vocab_count(meta: Mapping[str, Any], where: str) -> int:
   if "tokenizer.ggml.tokens.count" not in meta:
     raise ConfigError(f"{where} states no vocab_size and holds no tokenizer.ggml.tokens")
   return int(meta["tokenizer.ggml.tokens.count"])
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-  """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for unknown names."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+  """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` in GGUF architecture
+  `arch`'s block; None for unknown names."""
   if gguf_name in _GLOBAL_NAMES:
     return _GLOBAL_NAMES[gguf_name]
+  layer_names = _GEMMA_LAYER_NAMES if arch in _NORM_PLUS_ONE else _LAYER_NAMES
   parts = gguf_name.split(".", 2)
-  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+    return f"model.layers.{parts[1]}.{layer_names[parts[2]]}"
   return None
 
 
@@ -166,12 +217,12 @@ def _dequantise(tensor: Any, gguf: Any) -> np.ndarray:
   return np.asarray(x, dtype=np.float32).reshape(tuple(int(n) for n in reversed(tensor.shape)))
 
 
-def _tensors_by_hf_name(reader: Any, where: str) -> dict[str, Any]:
+def _tensors_by_hf_name(reader: Any, where: str, arch: str) -> dict[str, Any]:
   by_name, unknown, bad_types = {}, [], set()
   for t in reader.tensors:
     if t.name == ROPE_FREQS:  # read into the config's rope_scaling (gguf_model_config)
       continue
-    name = hf_tensor_name(t.name)
+    name = hf_tensor_name(t.name, arch)
     if name is None:
       unknown.append(t.name)
     elif t.tensor_type.name not in DEQUANTISED_TYPES:
@@ -206,8 +257,9 @@ def load_gguf_checkpoint(path: str | os.PathLike,
   reader = open_gguf(path)
   where = str(path)
   cfg = gguf_model_config(path, reader)
-  by_name = _tensors_by_hf_name(reader, where)
-  permuted = reader.fields["general.architecture"].contents() in _PERMUTED_QK
+  arch = reader.fields["general.architecture"].contents()
+  by_name = _tensors_by_hf_name(reader, where, arch)
+  permuted = arch in _PERMUTED_QK
   specs = tensor_layout(cfg)
   expected = {name for spec in specs for name in hf_names(spec, cfg.num_layers)}
   missing = sorted(expected - set(by_name))
@@ -227,6 +279,8 @@ def load_gguf_checkpoint(path: str | os.PathLike,
                               f"expected {list(spec.hf_shape)} from its metadata")
       if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
         x = unpermute_qk(x, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+      if arch in _NORM_PLUS_ONE and by_name[name].name.endswith("norm.weight"):
+        x = x - 1
       x = from_hf_layout(spec, x)
       if spec.per_layer:
         out[i] = x

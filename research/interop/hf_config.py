@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` <-> ModelConfig for the Llama family (llama, qwen2, mistral, qwen3).
+"""Hugging Face `config.json` <-> ModelConfig for the Llama family (llama, qwen2, mistral, qwen3)
+and Gemma 2 / Gemma 3 text (their own fields in hf_gemma.py).
 
 Only what this decoder computes is accepted: anything that would change the function (a rope type
 it lacks, biases on the MLP, another activation) is a ConfigError naming the field. Rope settings go
@@ -12,6 +13,7 @@ import logging
 from typing import Any, Mapping
 
 from research.errors import ConfigError
+from research.interop import hf_gemma
 from research.interop.hf_rope import rope_fields_from_hf, rope_fields_to_hf
 from research.models.config import HF_ARCHITECTURES, ModelConfig
 
@@ -19,13 +21,14 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = HF_ARCHITECTURES
 _CLASS_NAMES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                **hf_gemma.CLASS_NAMES}
 _QWEN = ("qwen2", "qwen3")  # use_sliding_window / max_window_layers / layer_types
-_LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3")  # of these only qwen3 has q/k norms
 # transformers' defaults where config.json leaves a field out.
 _DEFAULT_WINDOW = 4096  # MistralConfig, Qwen2Config, Qwen3Config
 _DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2Config, Qwen3Config
 _QWEN3_HEAD_DIM = 128
+_LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3")  # of these only qwen3 has q/k norms
 
 
 def _require(d: Mapping[str, Any], key: str, model_type: str) -> Any:
@@ -73,13 +76,16 @@ def _token_id(d: Mapping[str, Any], key: str) -> int | None:
 def model_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
   """ModelConfig from the dict of an HF `config.json`; `overrides` set non-HF fields (e.g. dtype)."""
   model_type = hf_config.get("model_type")
+  if model_type == "gemma3":
+    raise hf_gemma.multimodal_error(hf_config)
   if model_type not in SUPPORTED_ARCHITECTURES:
     raise ConfigError(
         f"unsupported architecture model_type={model_type!r} (architectures="
         f"{hf_config.get('architectures')}); supported: {list(SUPPORTED_ARCHITECTURES)}")
-  d = hf_config
+  gemma = model_type in hf_gemma.GEMMA_ARCHITECTURES
+  d = hf_gemma.with_defaults(hf_config, model_type) if gemma else hf_config
   act = d.get("hidden_act", "silu")
-  if act != "silu":
+  if not gemma and act != "silu":
     raise ConfigError(f"HF config hidden_act={act!r}: this decoder's MLP is SwiGLU (silu) only")
   if d.get("mlp_bias", False):
     raise ConfigError("HF config mlp_bias=true: this decoder's MLP has no biases")
@@ -119,12 +125,16 @@ def model_config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> Mode
       pad_token_id=_token_id(d, "pad_token_id"),
       hf_architecture=model_type,
   )
+  if gemma:
+    fields.update(hf_gemma.fields_from_hf(d, model_type, num_layers))
   fields.update(overrides)
   return ModelConfig(**fields)
 
 
 def _default_architecture(cfg: ModelConfig) -> str:
   sliding = cfg.sliding_layers()
+  if cfg.post_norms:  # Gemma's block
+    return "gemma3_text" if cfg.qk_norm else "gemma2"
   if cfg.qk_norm:
     return "qwen3"
   if cfg.attention_bias or (any(sliding) and not all(sliding)):
@@ -150,6 +160,7 @@ def hf_config_from_model_config(cfg: ModelConfig, architecture: str | None = Non
   if arch != "qwen2" and cfg.attention_bias:
     raise ConfigError(f"model.attention_bias=true cannot be exported as {arch}: only qwen2 has "
                       f"q/k/v biases without an o_proj bias; export with architecture='qwen2'")
+  hf_gemma.check_block(cfg, arch)
   if arch in _LLAMA_FAMILY and cfg.qk_norm != (arch == "qwen3"):
     raise ConfigError(f"model.qk_norm={cfg.qk_norm} cannot be exported as {arch}: of the "
                       f"exported architectures only qwen3 has (and needs) q/k norms; export with "
@@ -190,6 +201,9 @@ def hf_config_from_model_config(cfg: ModelConfig, architecture: str | None = Non
   }
   if arch == "llama":
     out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+  elif arch in hf_gemma.GEMMA_ARCHITECTURES:
+    out.update(hf_gemma.fields_to_hf(cfg, arch))
+    del out["hidden_act"]
   elif arch in _QWEN:
     # Qwen2 always has q/k/v biases; export writes zeros when the config has none. The layer
     # types are written out, so max_window_layers (the first sliding layer) is informative only.

@@ -22,6 +22,7 @@ import numpy as np
 from research.errors import CheckpointError, ConfigError
 from research.models.heads import SCORE_HEAD
 from research.interop.hf_config import hf_config_from_model_config
+from research.interop.hf_gemma import CLASSIFIER_NAMES
 from research.interop.hf_import import (INDEX_NAME, WEIGHTS_NAME, TensorSpec, hf_names,
                                         tensor_layout, to_hf_layout)
 from research.models.config import ModelConfig
@@ -244,8 +245,9 @@ def _as_sequence_classifier(hf_config: dict, cfg: ModelConfig) -> None:
     raise CheckpointError("a reward model exports as *ForSequenceClassification, which finds each "
                           "row's last token by pad_token_id: the model config has none; set "
                           "pad_token_id in model_config.json")
-  hf_config["architectures"] = [hf_config["architectures"][0].replace("ForCausalLM",
-                                                                      "ForSequenceClassification")]
+  arch = hf_config["model_type"]
+  hf_config["architectures"] = [CLASSIFIER_NAMES.get(arch) or hf_config["architectures"][0].replace(
+      "ForCausalLM", "ForSequenceClassification")]
   hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
                    pad_token_id=cfg.pad_token_id)
 
@@ -258,9 +260,10 @@ def export_hf(params: Params, cfg: ModelConfig, out_dir: str | pathlib.Path, *,
   """Write an HF checkpoint dir: config.json, safetensors weights, generation_config.json, tokenizer.
 
   `params`: scanned or unrolled (per `layers` / `layers_i` keys), numpy or jax (sharded is fine:
-  one layer slice at a time crosses to host). `architecture`: llama | qwen2 | mistral | qwen3; None
-  takes `cfg.hf_architecture`, else the one that expresses the config (hf_config). `tokenizer`: a transformers tokenizer or a directory holding
-  one. `generation_config`: fields merged over the config's bos/eos/pad ids. A tensor holding NaN
+  one layer slice at a time crosses to host). `architecture`: one of HF_ARCHITECTURES; None
+  takes `cfg.hf_architecture`, else the one that expresses the config (hf_config). `tokenizer`: a
+  transformers tokenizer or a directory holding one. `generation_config`: fields merged over the
+  config's bos/eos/pad ids. A tensor holding NaN
 or inf is refused unless `allow_non_finite`. Returns `out_dir`.
   """
   if dtype not in EXPORT_DTYPES:

@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama/Qwen2/Mistral/Qwen3 safetensors checkpoint into this decoder's scanned params.
+"""Load a Hugging Face Llama/Qwen2/Mistral/Qwen3/Gemma 2/Gemma 3 text safetensors checkpoint into
+this decoder's scanned params.
 
 Tensors are read one at a time and each stacked [L, ...] leaf is filled layer by layer, so the host
 holds about one leaf beyond what is already placed; with `shardings` each leaf goes straight onto
@@ -78,10 +79,17 @@ def tensor_layout(cfg: ModelConfig, *, attention_bias: bool | None = None) -> li
                  (e, f), (f, e)),
       TensorSpec(("layers", "attn_norm", "scale"), p + "input_layernorm.weight", "identity", (e,),
                  (e,)),
-      TensorSpec(("layers", "mlp_norm", "scale"), p + "post_attention_layernorm.weight",
-                 "identity", (e,), (e,)),
-      TensorSpec(("final_norm", "scale"), "model.norm.weight", "identity", (e,), (e,)),
   ]
+  # Llama's post_attention_layernorm is the pre-MLP norm; Gemma's normalises the attention's
+  # output, and pre_feedforward_layernorm is its pre-MLP norm.
+  norms = [("mlp_norm", "post_attention_layernorm")]
+  if cfg.post_norms:
+    norms = [("attn_post_norm", "post_attention_layernorm"),
+             ("mlp_norm", "pre_feedforward_layernorm"),
+             ("mlp_post_norm", "post_feedforward_layernorm")]
+  specs += [TensorSpec(("layers", ours, "scale"), p + f"{theirs}.weight", "identity", (e,), (e,))
+            for ours, theirs in norms]
+  specs.append(TensorSpec(("final_norm", "scale"), "model.norm.weight", "identity", (e,), (e,)))
   if not cfg.tie_embeddings:
     specs.append(TensorSpec(("lm_head", "kernel"), "lm_head.weight", "transpose", (v, e), (e, v)))
   return specs

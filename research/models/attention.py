@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from research.errors import ConfigError
 from research.models import cpu_kernels, fused_attention
 from research.models.config import ATTENTION as IMPLEMENTATIONS
+from research.models.softcap import soft_cap
 # What 'auto' runs per backend: each backend's fused kernel; the plain product where none is known.
 AUTO = {"cpu": "cpu_blocked", "gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
 # Where each fused kernel runs (the others run anywhere).
@@ -30,14 +31,17 @@ PLATFORMS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 FUSED = tuple(PLATFORMS)
 
 
-def resolve(impl: str, platform: str | None = None, dtype: Any = None) -> str:
+def resolve(impl: str, platform: str | None = None, dtype: Any = None,
+            softcap: float | None = None) -> str:
   """The implementation `impl` names on `platform` (default: jax's default backend) for inputs of
-  `dtype`: a choice made in Python when the model is traced, never a branch inside the program.
-  `auto` takes the reference where cuDNN would get inputs wider than 16 bits, which it refuses."""
+  `dtype` and attention-logit soft cap `softcap`: a choice made in Python when the model is
+  traced, never a branch inside the program. `auto` takes the reference where cuDNN would get
+  inputs wider than 16 bits, which it refuses, or a soft cap, which it has no option for."""
   if impl != "auto":
     return impl
   name = AUTO.get(platform or jax.default_backend(), "reference")
-  if name == "cudnn" and dtype is not None and jnp.dtype(dtype).itemsize > 2:
+  if name == "cudnn" and ((dtype is not None and jnp.dtype(dtype).itemsize > 2)
+                          or softcap is not None):
     return "reference"
   return name
 
@@ -48,10 +52,16 @@ def uses_cpu_kernels(impl: str, platform: str | None = None) -> bool:
   return resolve(impl, platform) == "cpu_blocked"
 
 
-def check_backend(impl: str, dtype: str, platform: str | None = None) -> None:
-  """Stops a run at start when `impl` cannot run here; the message names an option that does."""
+def check_backend(impl: str, dtype: str, platform: str | None = None,
+                  softcap: float | None = None) -> None:
+  """Stops a run at start when `impl` cannot run here (or cannot soft-cap the attention logits by
+  `softcap`); the message names an option that does."""
   platform = platform or jax.default_backend()
-  name = resolve(impl, platform, dtype)
+  name = resolve(impl, platform, dtype, softcap)
+  if name == "cudnn" and softcap is not None:
+    raise ConfigError(f"model.attention=cudnn has no attention-logit soft-capping "
+                      f"(model.attn_logit_softcap={softcap}); set model.attention=auto or "
+                      f"reference")
   if name in PLATFORMS and platform not in PLATFORMS[name]:
     raise ConfigError(f"model.attention={name} runs on {PLATFORMS[name][0]} only, not on "
                       f"{platform}; set model.attention=auto")
@@ -134,16 +144,17 @@ def make_mask_info(impl: str, q_segments_bt: jax.Array, kv_segments_bs: jax.Arra
 
 def reference_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, *,
                         q_offset: jax.Array | int = 0, scale: float | None = None,
-                        window: int | None = None, sliding=True):
-  """softmax(q k^T * scale, masked) v in plain einsums, the softmax in float32: q [B, T, H, D],
-  k and v [B, S, K, D] with K dividing H. Returns [B, T, H, D] in q's dtype. `window` and
-  `sliding` as in the module docstring."""
+                        softcap: float | None = None, window: int | None = None, sliding=True):
+  """softmax(soft_cap(q k^T * scale, softcap), masked) v in plain einsums, the softmax in float32:
+  q [B, T, H, D], k and v [B, S, K, D] with K dividing H. Returns [B, T, H, D] in q's dtype.
+  `window` and `sliding` as in the module docstring."""
   b, t, h, d = q_bthd.shape
   kv_heads = k_bskd.shape[2]
   scale = d ** -0.5 if scale is None else scale
   q_btkgd = q_bthd.reshape(b, t, kv_heads, h // kv_heads, d)
   scores_bkgts = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
                             preferred_element_type=jnp.float32) * scale
+  scores_bkgts = soft_cap(scores_bkgts, softcap)
   mask_b1ts = dense_mask(q_segments_bt, kv_segments_bs, q_offset)
   if window is not None and sliding is not False:
     in_window_ts = window_ts(t, k_bskd.shape[1], window, q_offset)
@@ -157,38 +168,43 @@ def reference_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, *
 
 
 def attention(q_bthd, k_bskd, v_bskd, mask_info: MaskInfo, impl: str = "auto", *,
+              scale: float | None = None, softcap: float | None = None,
               window: int | None = None, sliding=True):
   """Causal grouped-query attention by the implementation `impl` resolves to; q [B, T, H, D],
-  k and v [B, S, K, D], returns [B, T, H, D]. The scale is 1 / sqrt(D). With `window`, the layer
-  attends through the sliding window where `sliding` (a Python bool, or a traced bool scalar);
-  `mask_info` must then come from `make_mask_info(..., window=window)`.
+  k and v [B, S, K, D], returns [B, T, H, D]. Scores are q k^T * `scale` (None: 1 / sqrt(D)),
+  then `softcap * tanh(scores / softcap)` when `softcap` is set (Gemma 2), before the mask. With
+  `window`, the layer attends through the sliding window where `sliding` (a Python bool, or a
+  traced bool scalar); `mask_info` must then come from `make_mask_info(..., window=window)`.
 
   With a KV cache (`mask_info.q_offset` set: prefill into a cache, or decoding) the queries sit
   at an offset into the keys, which neither fused kernel's causal mask expresses: the CPU kernel
   runs it on CPU, the reference elsewhere. Training and cacheless prefill run the fused kernels.
   """
-  name = resolve(impl, dtype=q_bthd.dtype)
-  scale = q_bthd.shape[-1] ** -0.5
+  name = resolve(impl, dtype=q_bthd.dtype, softcap=softcap)
+  scale = q_bthd.shape[-1] ** -0.5 if scale is None else scale
   cached = mask_info.q_offset is not None
   if name == "cpu_blocked":
     # Without a cache the queries and keys are the same T positions under a causal mask.
     blocks = 1 if cached else cpu_kernels.causal_blocks(q_bthd.shape[1])
     return cpu_kernels.attend(q_bthd, k_bskd, v_bskd, layer_dense_mask(mask_info, window, sliding),
-                              scale, blocks)
+                              scale, blocks, softcap)
   if name == "reference" or cached:
     out_bthd = reference_attention(
         q_bthd, k_bskd, v_bskd, mask_info.q_segments_bt, mask_info.kv_segments_bs,
         q_offset=0 if mask_info.q_offset is None else mask_info.q_offset, scale=scale,
-        window=window, sliding=sliding)
+        softcap=softcap, window=window, sliding=sliding)
     return checkpoint_name(out_bthd, "attention")
   if name == "cudnn":
+    if softcap is not None:
+      raise ConfigError(f"model.attention=cudnn has no attention-logit soft-capping "
+                        f"(softcap={softcap}); set model.attention=auto or reference")
     return fused_attention.cudnn_attention(q_bthd, k_bskd, v_bskd,
                                            layer_dense_mask(mask_info, window, sliding),
                                            mask_info.q_segments_bt, scale)
   if name == "splash":
-    run = lambda w: fused_attention.splash_attention(
+    run = lambda w: fused_attention.splash_attention(  # noqa: E731
         q_bthd, k_bskd, v_bskd, mask_info.q_segments_bt, mask_info.kv_segments_bs, scale,
-        window=w)
+        window=w, softcap=softcap)
     if window is None or sliding is False:
       return run(None)
     if sliding is True:

@@ -24,8 +24,8 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention", "layer_st
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A Llama-family decoder (Llama, Qwen2, Mistral, Qwen3 share it; options cover their
-  differences)."""
+  """A Llama-family decoder (Llama, Qwen2, Mistral, Qwen3, Gemma 2 and 3 share it; options cover
+  their differences)."""
 
   vocab_size: int = 8192
   hidden_size: int = 256
@@ -143,6 +143,9 @@ class ModelConfig:
     if not isinstance(self.layer_streams, int) or self.layer_streams < 0:
       raise ConfigError(f"model.layer_streams must be an integer >= 0 (0: by the attention in use), got "
                         f"{self.layer_streams!r}")
+    if not isinstance(self.norm_offset, (int, float)) or isinstance(self.norm_offset, bool):
+      raise ConfigError(f"model.norm_offset must be a number (0.0, or 1.0 for Gemma), got "
+                        f"{self.norm_offset!r}")
     if self.mlp_activation not in MLP_ACTIVATIONS:
       raise ConfigError(f"model.mlp_activation={self.mlp_activation!r}; choose one of "
                         f"{MLP_ACTIVATIONS}")
@@ -207,6 +210,7 @@ class ModelConfig:
     q, kv = self.num_heads * hd, self.num_kv_heads * hd
     attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
     mlp = 3 * h * self.mlp_dim
-    per_layer = attn + mlp + 2 * h + (2 * hd if self.qk_norm else 0)
+    norms = (4 if self.post_norms else 2) * h + (2 * hd if self.qk_norm else 0)
+    per_layer = attn + mlp + norms
     head = 0 if self.tie_embeddings else h * self.vocab_size
     return self.vocab_size * h + self.num_layers * per_layer + h + head

@@ -15,6 +15,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from research.models.softcap import soft_cap, soft_cap_with_slope
 from research.parallel import activations as act
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -76,14 +77,14 @@ def _head_major(x_bthd):
   return jax.lax.optimization_barrier(jnp.swapaxes(x_bthd, 1, 2))
 
 
-def _masked_scores(q_bhtd, k_bhsd, mask_b1ts, scale: float):
+def _masked_scores(q_bhtd, k_bhsd, mask_b1ts, scale: float, softcap: float | None):
   scores_bhts = jnp.einsum("bhtd,bhsd->bhts", q_bhtd * scale, k_bhsd,
                            preferred_element_type=jnp.float32)
-  return jnp.where(mask_b1ts, scores_bhts, MASK_VALUE)
+  return jnp.where(mask_b1ts, soft_cap(scores_bhts, softcap), MASK_VALUE)
 
 
-def _block_fwd(q_bhtd, k_bhsd, v_bhsd, mask_b1ts, scale):
-  scores_bhts = _masked_scores(q_bhtd, k_bhsd, mask_b1ts, scale)
+def _block_fwd(q_bhtd, k_bhsd, v_bhsd, mask_b1ts, scale, softcap):
+  scores_bhts = _masked_scores(q_bhtd, k_bhsd, mask_b1ts, scale, softcap)
   max_bht1 = jnp.max(scores_bhts, axis=-1, keepdims=True)
   exp_bhts = jnp.exp(scores_bhts - max_bht1)
   sum_bht1 = jnp.sum(exp_bhts, axis=-1, keepdims=True)
@@ -91,7 +92,8 @@ def _block_fwd(q_bhtd, k_bhsd, v_bhsd, mask_b1ts, scale):
   return jnp.einsum("bhts,bhsd->bhtd", probs_bhts, v_bhsd), max_bht1, sum_bht1
 
 
-def _block_bwd(scale, q_bhtd, k_bhsd, v_bhsd, mask_b1ts, out_bhtd, max_bht1, sum_bht1, g_bhtd):
+def _block_bwd(scale, softcap, q_bhtd, k_bhsd, v_bhsd, mask_b1ts, out_bhtd, max_bht1, sum_bht1,
+               g_bhtd):
   # Keys are the rows here: every product but dQ's then has the block's keys (up to S) as its
   # rows, and dK, dV come out of plain row-major products; the probabilities again, from the
   # scores and the saved row max and sum (flash attention's backward): one more QK^T product
@@ -100,6 +102,9 @@ def _block_bwd(scale, q_bhtd, k_bhsd, v_bhsd, mask_b1ts, out_bhtd, max_bht1, sum
   mask_b1st = jnp.swapaxes(mask_b1ts, -1, -2)
   scores_bhst = jnp.einsum("bhsd,bhtd->bhst", k_bhsd, q_bhtd * scale,
                            preferred_element_type=jnp.float32)
+  # With a soft cap the probabilities come from the capped scores, and the scores' gradient
+  # is the capped scores' times the cap's slope.
+  scores_bhst, slope_bhst = soft_cap_with_slope(scores_bhst, softcap)
   scores_bhst = jnp.where(mask_b1st, scores_bhst, MASK_VALUE)
   probs_bhst = jnp.exp(scores_bhst - rows_t(max_bht1)) / rows_t(sum_bht1)
   dv_bhsd = jnp.einsum("bhst,bhtd->bhsd", probs_bhst.astype(g_bhtd.dtype), g_bhtd)
@@ -107,8 +112,10 @@ def _block_bwd(scale, q_bhtd, k_bhsd, v_bhsd, mask_b1ts, out_bhtd, max_bht1, sum
   # sum_s dP * P = sum_d dO * O per query (the softmax backward's row term).
   rowdot_bht1 = jnp.sum(g_bhtd.astype(jnp.float32) * out_bhtd.astype(jnp.float32), axis=-1,
                         keepdims=True)
-  dscores_bhst = jnp.where(mask_b1st, probs_bhst * (dprobs_bhst - rows_t(rowdot_bht1)) * scale,
-                           0.0).astype(q_bhtd.dtype)
+  dcapped_bhst = probs_bhst * (dprobs_bhst - rows_t(rowdot_bht1))
+  if slope_bhst is not None:
+    dcapped_bhst = dcapped_bhst * slope_bhst
+  dscores_bhst = jnp.where(mask_b1st, dcapped_bhst * scale, 0.0).astype(q_bhtd.dtype)
   dk_bhsd = jnp.einsum("bhst,bhtd->bhsd", dscores_bhst, q_bhtd)
   dq_bhtd = jnp.einsum("bhst,bhsd->bhtd", dscores_bhst, k_bhsd)
   return dq_bhtd, dk_bhsd, dv_bhsd
@@ -142,14 +149,15 @@ def _grouped_mask(mask_b1ts, groups: int):
   return jnp.tile(mask_b1ts, (1, 1, groups, 1)) if groups > 1 else mask_b1ts
 
 
-def _attend_fwd(q_bthd, k_bskd, v_bskd, mask_b1ts, scale, blocks):
+def _attend_fwd(q_bthd, k_bskd, v_bskd, mask_b1ts, scale, blocks, softcap):
   heads, kv_heads = q_bthd.shape[2], k_bskd.shape[2]
   q_bhtd, k_bksd, v_bksd = _head_major(q_bthd), _head_major(k_bskd), _head_major(v_bskd)
   outs, maxes, sums = [], [], []
   for rows, n in _blocks(q_bthd.shape[1], k_bskd.shape[1], blocks):
     out, mx, sm = _block_fwd(_grouped(q_bhtd[:, :, rows], kv_heads), k_bksd[:, :, :n],
                              v_bksd[:, :, :n],
-                             _grouped_mask(mask_b1ts[:, :, rows, :n], heads // kv_heads), scale)
+                             _grouped_mask(mask_b1ts[:, :, rows, :n], heads // kv_heads), scale,
+                             softcap)
     outs.append(_ungrouped(out, heads)), maxes.append(_ungrouped(mx, heads))
     sums.append(_ungrouped(sm, heads))
   out_bhtd = jnp.where(_row_visible(mask_b1ts), jnp.concatenate(outs, axis=2), 0.0)
@@ -161,7 +169,7 @@ def _attend_fwd(q_bthd, k_bskd, v_bskd, mask_b1ts, scale, blocks):
   return out_bthd, (q_bthd, k_bskd, v_bskd, mask_b1ts, out_bthd, max_bht1, sum_bht1)
 
 
-def _attend_bwd(scale, blocks, res, g_bthd):
+def _attend_bwd(scale, blocks, softcap, res, g_bthd):
   q_bthd, k_bskd, v_bskd, mask_b1ts, out_bthd, max_bht1, sum_bht1 = res
   heads, kv_heads = q_bthd.shape[2], k_bskd.shape[2]
   q_bhtd, k_bksd, v_bksd = _head_major(q_bthd), _head_major(k_bskd), _head_major(v_bskd)
@@ -171,7 +179,7 @@ def _attend_bwd(scale, blocks, res, g_bthd):
   group = lambda x: _grouped(x, kv_heads)
   dqs, dk_bksd, dv_bksd = [], 0.0, 0.0
   for rows, n in _blocks(q_bthd.shape[1], s, blocks):
-    dq, dk, dv = _block_bwd(scale, group(q_bhtd[:, :, rows]), k_bksd[:, :, :n], v_bksd[:, :, :n],
+    dq, dk, dv = _block_bwd(scale, softcap, group(q_bhtd[:, :, rows]), k_bksd[:, :, :n], v_bksd[:, :, :n],
                             _grouped_mask(mask_b1ts[:, :, rows, :n], heads // kv_heads),
                             group(out_bhtd[:, :, rows]), group(max_bht1[:, :, rows]),
                             group(sum_bht1[:, :, rows]), group(g_bhtd[:, :, rows]))
@@ -191,10 +199,12 @@ def causal_blocks(t: int) -> int:
   return max(blocks, 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def attend(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float, blocks: int = 1):
-  """softmax(q k^T * scale, masked) v: q [B, T, H, D], k and v [B, S, K, D] with K dividing H
-  (grouped-query attention; query head h reads KV head h // (H / K)). Returns [B, T, H, D].
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def attend(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float, blocks: int = 1,
+           softcap: float | None = None):
+  """softmax(soft_cap(q k^T * scale, softcap), masked) v: q [B, T, H, D], k and v [B, S, K, D]
+  with K dividing H (grouped-query attention; query head h reads KV head h // (H / K)). Returns
+  [B, T, H, D]. `softcap` None: no cap.
 
   The H / K query heads that share a KV head are multiplied as rows of one product (a 4-D batched
   matmul over [B, K]), so K/V are never repeated per query head and dK/dV need no sum over the
@@ -211,7 +221,7 @@ def attend(q_bthd, k_bskd, v_bskd, mask_b1ts, scale: float, blocks: int = 1):
   equal blocks, and block i computes scores only against the keys up to its own end: the
   never-visible upper triangle is skipped, forward and backward (`causal_blocks` picks the count).
   """
-  return _attend_fwd(q_bthd, k_bskd, v_bskd, mask_b1ts, scale, blocks)[0]
+  return _attend_fwd(q_bthd, k_bskd, v_bskd, mask_b1ts, scale, blocks, softcap)[0]
 
 
 attend.defvjp(_attend_fwd, _attend_bwd)

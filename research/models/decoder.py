@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.models import cpu_kernels
 from research.models.attention import make_mask_info, uses_cpu_kernels
@@ -19,6 +20,7 @@ from research.models.config import ModelConfig
 from research.models.layers import DecoderBlock, RMSNorm, logical, param_init
 from research.models.rope import rotary_tables
 from research.models.peft import NO_PEFT, PeftConfig
+from research.models.softcap import soft_cap
 from research.parallel import activations as act
 
 Params = dict[str, Any]
@@ -82,7 +84,10 @@ class Decoder(nn.Module):
     # The lookup reads a table whose `embed` axis is whole: gathering rows from an FSDP-sharded
     # table gives embed-sharded rows, which XLA cannot reshard to the batch sharding efficiently.
     table_ve = act.constrain(embed.embedding, act.EMBED_TABLE).astype(cfg.compute_dtype)
-    x_bte = act.constrain(jnp.take(table_ve, tokens_bt, axis=0), act.RESIDUAL)
+    x_bte = jnp.take(table_ve, tokens_bt, axis=0)
+    if cfg.embed_scale:
+      x_bte = x_bte * embed_multiplier(cfg)
+    x_bte = act.constrain(x_bte, act.RESIDUAL)
     n_virtual = peft.num_virtual_tokens if peft.method == "prompt" and prefill else 0
     if n_virtual:
       x_bte, segment_ids_bt, positions_bt = self._prepend_soft_prompt(
@@ -92,7 +97,7 @@ class Decoder(nn.Module):
     else:
       x_bte, new_cache = self._cached_layers(x_bte, segment_ids_bt, positions_bt, cache)
     hidden_bte = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype,
-                         name="final_norm")(x_bte)
+                         offset=cfg.norm_offset, name="final_norm")(x_bte)
     if n_virtual:
       hidden_bte = hidden_bte[:, n_virtual:]
     hidden_bte = act.constrain(hidden_bte, act.RESIDUAL)
@@ -185,7 +190,7 @@ class Decoder(nn.Module):
     # On the CPU path a flat [tokens, E] input: the head's weight gradient then needs no
     # transposed copy of the [tokens, V] logits gradient (see cpu_kernels.apply_flat).
     logits_btv = cpu_kernels.apply_flat(head, hidden_bte) if cpu else head(hidden_bte)
-    return act.constrain(logits_btv, act.LOGITS)
+    return act.constrain(soft_cap(logits_btv, cfg.final_logit_softcap), act.LOGITS)
 
   def _prepend_soft_prompt(self, x_bte, segment_ids_bt, positions_bt, n_virtual: int):
     """Prompt tuning: n learned embeddings before each row, in the row's (single) segment."""
@@ -202,9 +207,16 @@ class Decoder(nn.Module):
     return jnp.concatenate([soft_bne, x_bte], axis=1), segments, positions
 
 
+def embed_multiplier(cfg: ModelConfig) -> jax.Array:
+  """sqrt(hidden_size) in the compute dtype, as transformers' Gemma casts its float32 scale to
+  the weights' dtype (in bfloat16, sqrt(2304) = 48 exactly but sqrt(3072) rounds to 55.5)."""
+  return jnp.asarray(np.float32(cfg.hidden_size ** 0.5)).astype(cfg.compute_dtype)
+
+
 def lm_head_kernel(params: Params, cfg: ModelConfig) -> jax.Array:
   """The LM head's [embed, vocab] kernel in the compute dtype (the embedding table's transpose when
-  tied): `logits = hidden @ lm_head_kernel(params, cfg)` is what `Decoder` computes."""
+  tied): `logits = soft_cap(hidden @ lm_head_kernel(params, cfg), cfg.final_logit_softcap)` is
+  what `Decoder` computes; every loss that runs the head itself applies that cap."""
   if cfg.tie_embeddings:
     return params["embed"]["embedding"].astype(cfg.compute_dtype).T
   return params["lm_head"]["kernel"].astype(cfg.compute_dtype)

@@ -49,7 +49,7 @@ def splash_block(t: int, s: int) -> int:
 
 
 def _splash_kernel(t: int, s: int, groups: int, block: int, interpret: bool,
-                   window: int | None = None):
+                   window: int | None = None, softcap: float | None = None):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   if window is None:
     head_mask = splash.CausalMask((t, s))
@@ -60,24 +60,28 @@ def _splash_kernel(t: int, s: int, groups: int, block: int, interpret: bool,
                             block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                             block_q_dq=block, block_kv_dq=block)
   # Residuals named as the CPU kernel's, so remat policy 'dots_attention' keeps them.
+  # The kernel caps q k^T as it comes out of the product, which is the scaled score here since
+  # the queries are scaled before the kernel.
   return splash.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                residual_checkpoint_name="attention", interpret=interpret)
+                                residual_checkpoint_name="attention", interpret=interpret,
+                                attn_logits_soft_cap=softcap)
 
 
 def splash_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale: float, *,
-                     window: int | None = None, interpret: bool = False):
+                     window: int | None = None, softcap: float | None = None,
+                     interpret: bool = False):
   """Pallas splash attention: per batch row and KV head, the multi-query kernel over the H / K
   query heads that share that KV head (query head h reads KV head h // (H / K)). With `window`,
   a query sees only the keys less than `window` slots back (splash's local mask).
 
   Padding (segment 0) queries attend to padding keys, so no query row is fully masked (the kernel
   needs that); their outputs are then zeroed. `interpret` runs the kernel's Pallas program with
-  plain XLA operations, on any backend.
+  plain XLA operations, on any backend. `softcap`: the scores' tanh cap (None: none).
   """
   sharded = act.active()
   if sharded is None:
     return _splash_local(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale,
-                         interpret, window)
+                         interpret, window, softcap)
   # Mosaic kernels are not partitioned by XLA: each device runs the kernel on its own rows and
   # KV heads (with the query heads that read them); every device holds all of the sequence.
   mesh, rules = sharded
@@ -85,20 +89,22 @@ def splash_attention(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scal
   kv_spec = P(kv_spec[0], None, kv_spec[2], None)
   q_spec = P(kv_spec[0], None, kv_spec[2], None)  # query heads split as their KV heads are
   seg_spec = P(kv_spec[0], None)
-  local = functools.partial(_splash_local, scale=scale, interpret=interpret, window=window)
+  local = functools.partial(_splash_local, scale=scale, interpret=interpret, window=window,
+                            softcap=softcap)
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec, seg_spec),
                        out_specs=q_spec, check_vma=False)(
                            q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs)
 
 
 def _splash_local(q_bthd, k_bskd, v_bskd, q_segments_bt, kv_segments_bs, scale: float,
-                  interpret: bool = False, window: int | None = None):
+                  interpret: bool = False, window: int | None = None,
+                  softcap: float | None = None):
   """`splash_attention` on the arrays as given (one device's shard, or unsharded)."""
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
   b, t, h, d = q_bthd.shape
   s, kv_heads = k_bskd.shape[1], k_bskd.shape[2]
   groups = h // kv_heads
-  kernel = _splash_kernel(t, s, groups, splash_block(t, s), interpret, window)
+  kernel = _splash_kernel(t, s, groups, splash_block(t, s), interpret, window, softcap)
   # The kernel does not scale the scores.
   q_bkgtd = (q_bthd * scale).astype(q_bthd.dtype).reshape(b, t, kv_heads, groups, d)
   q_bkgtd = q_bkgtd.transpose(0, 2, 3, 1, 4)

@@ -1,4 +1,5 @@
-"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP, the block.
+"""Decoder building blocks: RMSNorm, rotary embeddings, grouped-query attention, the gated MLP
+(SwiGLU or Gemma's GeGLU), the block.
 
 Shapes use one convention throughout: B batch, T query time, S key time, E embed, H heads,
 K kv heads, D head dim, F mlp, V vocab. Every parameter carries logical axis names.
@@ -33,23 +34,30 @@ def logical(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
 
 
 class RMSNorm(nn.Module):
-  """RMSNorm over the last axis; `axis_name` is the logical name of that axis (the per-head q/k
-  norms normalise over 'head_dim')."""
+  """RMSNorm over the last axis, then a scale by `offset + scale`; `scale` starts where that
+  product is 1 (ones for Llama, zeros for Gemma's offset 1), and equals the HF weight as stored.
+  `axis_name` is the logical name of that axis (the per-head q/k norms normalise over
+  'head_dim')."""
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str = "embed"
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x_bte: jax.Array) -> jax.Array:
-    scale_e = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)),
-                         (x_bte.shape[-1],), self.param_dtype)
+    init = nn.initializers.constant(1.0 - self.offset)
+    scale_e = self.param("scale", logical(init, (self.axis_name,)), (x_bte.shape[-1],),
+                         self.param_dtype)
     x32 = x_bte.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     # Whole on every device (FSDP shards it over `embed`): scaling a batch-sharded activation by
     # an embed-sharded vector would make XLA reshard the activation instead.
     scale_e = act.constrain(scale_e, act.WHOLE_VECTOR)
-    # As transformers does: normalise in float32, cast back, then scale.
+    if self.offset:
+      # As transformers' Gemma does: scale by (offset + weight) in float32, then cast.
+      return (normed * (self.offset + scale_e.astype(jnp.float32))).astype(self.dtype)
+    # As transformers' Llama does: normalise in float32, cast back, then scale.
     return scale_e.astype(self.dtype) * normed.astype(self.dtype)
 
 
@@ -71,6 +79,31 @@ def _swiglu_bwd(res, g):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi), the tanh GELU's constant
+
+
+@jax.custom_vjp
+def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """gelu_tanh(gate) * up (transformers' `gelu_pytorch_tanh`), whose backward keeps only `gate`
+  and `up`, as `swiglu`'s does."""
+  return nn.gelu(gate, approximate=True) * up
+
+
+def _geglu_fwd(gate, up):
+  return geglu(gate, up), (gate, up)
+
+
+def _geglu_bwd(res, g):
+  gate, up = res
+  # gelu_tanh(x) = x / 2 * (1 + t), t = tanh(c (x + 0.044715 x^3)).
+  t = jnp.tanh(_GELU_C * (gate + 0.044715 * gate * gate * gate))
+  slope = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * _GELU_C * (1 + 3 * 0.044715 * gate * gate)
+  return g * up * slope, g * (0.5 * gate * (1 + t))
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
+GATED_ACTIVATIONS = {"silu": swiglu, "gelu_tanh": geglu}  # by ModelConfig.mlp_activation
 
 
 def layer_rope(cfg: ModelConfig, rope, sliding):
@@ -146,7 +179,7 @@ class Attention(nn.Module):
     v_btkd = act.constrain(self._proj(x_bte, cfg.num_kv_heads, "kv_heads", "v"), act.KV_HEADS)
     if cfg.qk_norm:  # per head, over head_dim, before the rotation (Qwen3, Gemma 3)
       norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                  axis_name="head_dim")
+                  axis_name="head_dim", offset=cfg.norm_offset)
       q_bthd = RMSNorm(**norm, name="q_norm")(q_bthd)
       k_btkd = RMSNorm(**norm, name="k_norm")(k_btkd)
     rope = layer_rope(cfg, rope, sliding)
@@ -161,13 +194,15 @@ class Attention(nn.Module):
                                             (0, cache.index, 0, 0))
       new_cache = (k_btkd, v_btkd)
     impl = cfg.attention
-    if self.is_initializing() and resolve(impl) in FUSED:
+    if self.is_initializing() and resolve(impl, softcap=cfg.attn_logit_softcap) in FUSED:
       # The params do not depend on the kernel, and init traces dummy shapes (a few tokens) that
       # the fused kernels' blocks may not divide.
       impl = "reference"
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
     out_bthd = attention(q_bthd.astype(cfg.compute_dtype), k_btkd.astype(cfg.compute_dtype),
-                         v_btkd.astype(cfg.compute_dtype), mask_info, impl,
-                         window=cfg.sliding_window, sliding=sliding)
+                         v_btkd.astype(cfg.compute_dtype), mask_info, impl, scale=scale,
+                         softcap=cfg.attn_logit_softcap, window=cfg.sliding_window,
+                         sliding=sliding)
     base = nn.DenseGeneral(
         features=cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, name="o",
@@ -195,13 +230,20 @@ class MLP(nn.Module):
 
     gate_btf = act.constrain(dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "gate"), act.MLP_HIDDEN)
     up_btf = act.constrain(dense(x_bte, cfg.mlp_dim, ("embed", "mlp"), "up"), act.MLP_HIDDEN)
-    return dense(swiglu(gate_btf, up_btf), cfg.hidden_size, ("mlp", "embed"), "down")
+    gated_btf = GATED_ACTIVATIONS[cfg.mlp_activation](gate_btf, up_btf)
+    return dense(gated_btf, cfg.hidden_size, ("mlp", "embed"), "down")
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm block: norm, attention, residual, norm, MLP, residual. Returns (x, this layer's new
+  """Pre-norm block: norm, attention, residual, norm, MLP, residual; with `post_norms` (Gemma)
+  each sublayer's output is normed again before its residual add. Returns (x, this layer's new
   KV cache or None): the body of `nn.scan`. `layer_kv` is this layer's (k, v) cache slice, written
   at `mask_info.q_offset`.
+
+  Param names: attn_norm (HF input_layernorm), mlp_norm (the pre-MLP norm: Llama's
+  post_attention_layernorm, Gemma's pre_feedforward_layernorm), and with `post_norms`
+  attn_post_norm (Gemma's post_attention_layernorm) and mlp_post_norm
+  (post_feedforward_layernorm).
 
   Whether the layer slides (`cfg.sliding_layers()`): `layer_sliding` when the block is one
   unrolled layer; else the call's `sliding`, a bool scalar scanned over the layers when they
@@ -214,11 +256,15 @@ class DecoderBlock(nn.Module):
 
   def setup(self):
     cfg, peft = self.config, self.peft
-    norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                offset=cfg.norm_offset)
     self.attn_norm = RMSNorm(**norm)
     self.attn = Attention(cfg, peft, self.deterministic)
     self.mlp_norm = RMSNorm(**norm)
     self.mlp = MLP(cfg, peft, self.deterministic)
+    if cfg.post_norms:
+      self.attn_post_norm = RMSNorm(**norm)
+      self.mlp_post_norm = RMSNorm(**norm)
     if peft.method == "adapter":
       self.attn_adapter = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype)
       self.mlp_adapter = BottleneckAdapter(peft.adapter_dim, cfg.compute_dtype, cfg.weight_dtype)
@@ -230,11 +276,16 @@ class DecoderBlock(nn.Module):
       sliding = self.layer_sliding
     elif sliding is None:
       sliding = self.config.sliding_layers()[0]
+    post_norms = self.config.post_norms
     h_bte, new_kv = self.attn(self.attn_norm(x_bte), mask_info, rope, cache, sliding)
-    if adapters:
+    if adapters:  # on the sublayer's output, before any post-norm (Houlsby's placement)
       h_bte = self.attn_adapter(h_bte)
+    if post_norms:
+      h_bte = self.attn_post_norm(h_bte)
     x_bte = x_bte + h_bte
     h_bte = self.mlp(self.mlp_norm(x_bte))
     if adapters:
       h_bte = self.mlp_adapter(h_bte)
+    if post_norms:
+      h_bte = self.mlp_post_norm(h_bte)
     return act.constrain(x_bte + h_bte, act.RESIDUAL), new_kv

@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from research.models.softcap import soft_cap
+
 DIVERGENCES = {"forward_kl": 0.0, "reverse_kl": 1.0}  # their beta in `generalized_jsd`
 
 
@@ -42,8 +44,13 @@ def _nll(logits_nv: jax.Array, targets_n: jax.Array) -> jax.Array:
 def chunked_distill_sums(student_hidden_bte: jax.Array, student_kernel_ev: jax.Array,
                          teacher_hidden_bte: jax.Array, teacher_kernel_ev: jax.Array,
                          targets_bt: jax.Array, mask_bt: jax.Array, chunk_len: int, beta: float,
-                         temperature: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+                         temperature: float = 1.0, student_softcap: float | None = None,
+                         teacher_softcap: float | None = None
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(masked sum of `generalized_jsd`, masked sum of the student's NLL of `targets`, mask count).
+
+  Each model's logits are `soft_cap(hidden @ kernel, its softcap)` (the models' final-logit caps,
+  None for none), as their decoders compute them.
 
   Both heads run over chunks of `chunk_len` positions of every row (0: all at once) inside a
   rematerialised scan: only [B, chunk_len, V] logits of each model are live, and the backward
@@ -55,8 +62,9 @@ def chunked_distill_sums(student_hidden_bte: jax.Array, student_kernel_ev: jax.A
   mask_bt = mask_bt.astype(jnp.float32)
 
   def sums(h_s, h_t, targets, mask):
-    logits_s = h_s @ student_kernel_ev  # [B, chunk, V]
-    div = generalized_jsd(logits_s, h_t @ teacher_kernel_ev, beta, temperature)
+    logits_s = soft_cap(h_s @ student_kernel_ev, student_softcap)  # [B, chunk, V]
+    logits_t = soft_cap(h_t @ teacher_kernel_ev, teacher_softcap)
+    div = generalized_jsd(logits_s, logits_t, beta, temperature)
     nll = _nll(logits_s, targets)
     return jnp.sum(div * mask), jnp.sum(nll * mask)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from research.models.softcap import soft_cap
 from research.objectives.ranking import pair_mask
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo", "orpo")
@@ -146,13 +147,14 @@ def sequence_logps(logits_btv: jax.Array, targets_bt: jax.Array, mask_bt: jax.Ar
 
 
 def chunked_sequence_logps(hidden_bte: jax.Array, kernel_ev: jax.Array, targets_bt: jax.Array,
-                           mask_bt: jax.Array, chunk_len: int) -> jax.Array:
-  """`sequence_logps(hidden @ kernel, ...)` with only [B, chunk_len, V] logits live: a scan over
-  chunks of positions whose body is rematerialised, so the backward recomputes each chunk's logits
-  instead of keeping them all. [B]"""
+                           mask_bt: jax.Array, chunk_len: int,
+                           softcap: float | None = None) -> jax.Array:
+  """`sequence_logps(soft_cap(hidden @ kernel, softcap), ...)` with only [B, chunk_len, V] logits
+  live: a scan over chunks of positions whose body is rematerialised, so the backward recomputes
+  each chunk's logits instead of keeping them all (`softcap`: the model's final-logit cap). [B]"""
   b, t, e = hidden_bte.shape
   if not chunk_len or chunk_len >= t:
-    return sequence_logps(hidden_bte @ kernel_ev, targets_bt, mask_bt)
+    return sequence_logps(soft_cap(hidden_bte @ kernel_ev, softcap), targets_bt, mask_bt)
   if t % chunk_len:
     raise ValueError(f"chunked log-probs: chunk_len={chunk_len} must divide the length {t}")
   n = t // chunk_len
@@ -161,7 +163,8 @@ def chunked_sequence_logps(hidden_bte: jax.Array, kernel_ev: jax.Array, targets_
   @jax.checkpoint
   def body(total_b, chunk):
     h_bce, targets_bc, mask_bc = chunk
-    return total_b + sequence_logps(h_bce @ kernel_ev, targets_bc, mask_bc), None
+    logits_bcv = soft_cap(h_bce @ kernel_ev, softcap)
+    return total_b + sequence_logps(logits_bcv, targets_bc, mask_bc), None
 
   total_b, _ = jax.lax.scan(body, jnp.zeros((b,), jnp.float32),
                             (to_chunks(hidden_bte), to_chunks(targets_bt), to_chunks(mask_bt)))

@@ -7,6 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from research.models.softcap import soft_cap_with_slope
+
 
 @jax.custom_vjp
 def token_nll(logits_btv: jax.Array, targets_bt: jax.Array) -> jax.Array:
@@ -58,8 +60,10 @@ def _identity_constraint(x: jax.Array, logical_axes) -> jax.Array:
 
 def chunked_head_nll_sum(hidden_bte: jax.Array, kernel_ev: jax.Array, targets_bt: jax.Array,
                          loss_mask_bt: jax.Array, chunk_len: int, groups: int = 1,
-                         constrain=_identity_constraint) -> tuple[jax.Array, jax.Array]:
-  """`masked_nll_sum(hidden @ kernel, ...)` without the [B, T, V] logits or their gradient.
+                         constrain=_identity_constraint,
+                         softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """`masked_nll_sum(soft_cap(hidden @ kernel, softcap), ...)` without the [B, T, V] logits or
+  their gradient (`softcap`: the model's final-logit cap, None for none).
 
   The tokens run through the LM head in chunks of B / groups * chunk_len consecutive tokens of a
   group's rows (a scan). When differentiated, each
@@ -73,7 +77,8 @@ def chunked_head_nll_sum(hidden_bte: jax.Array, kernel_ev: jax.Array, targets_bt
   added once, after the last chunk, instead of once per chunk.
   """
   mask_bt = loss_mask_bt.astype(jnp.float32)
-  total = _chunked_nll(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups, constrain)
+  total = _chunked_nll(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups, constrain,
+                       softcap)
   return total, jnp.sum(mask_bt)
 
 
@@ -99,7 +104,7 @@ def _unchunk(x_chunks, b: int, t: int, groups: int):
 
 
 def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups, constrain,
-                      with_grads: bool):
+                      softcap, with_grads: bool):
   """(masked NLL sum, (d hidden, d kernel) or None). Arrays in the scan are [(groups,) rows, ...]:
   `g` below is the optional groups axis, `n` the chunk's rows."""
   b, t, _ = hidden_bte.shape
@@ -114,7 +119,8 @@ def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, gro
 
   def body(dkernel_gev, chunk):
     h_gne, targets_gn, mask_gn = chunk
-    logits_gnv = grouped(h_gne @ kernel_ev, None, "vocab")
+    logits_gnv, slope_gnv = soft_cap_with_slope(grouped(h_gne @ kernel_ev, None, "vocab"),
+                                                softcap)
     logits32_gnv = logits_gnv.astype(jnp.float32)
     logz_gn = jax.nn.logsumexp(logits32_gnv, axis=-1)
     target_logit_gn = jnp.take_along_axis(logits32_gnv, targets_gn[..., None], axis=-1)[..., 0]
@@ -123,8 +129,10 @@ def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, gro
     if not with_grads:
       return dkernel_gev, (nll_g, None)
     onehot_gnv = vocab_v == targets_gn[..., None]
-    dlogits_gnv = ((jnp.exp(logits32_gnv - logz_gn[..., None]) - onehot_gnv) *
-                   mask_gn[..., None]).astype(logits_gnv.dtype)
+    dlogits_gnv = (jnp.exp(logits32_gnv - logz_gn[..., None]) - onehot_gnv) * mask_gn[..., None]
+    if slope_gnv is not None:  # through the cap, back to the head's product
+      dlogits_gnv = dlogits_gnv * slope_gnv
+    dlogits_gnv = dlogits_gnv.astype(logits_gnv.dtype)
     dh_gne = jnp.einsum("...nv,ev->...ne", dlogits_gnv, kernel_ev).astype(hidden_bte.dtype)
     # h^T laid out row-major before the product (see layers._matmul_tx): an [E, rows] operand.
     h_gen = jax.lax.optimization_barrier(jnp.swapaxes(h_gne, -1, -2))
@@ -148,18 +156,21 @@ def _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, gro
   return total, (_unchunk(dh_chunks, b, t, groups), dkernel_ev.astype(kernel_ev.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_nll(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups, constrain):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_nll(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups, constrain,
+                 softcap):
   return _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups,
-                           constrain, with_grads=False)[0]
+                           constrain, softcap, with_grads=False)[0]
 
 
-def _chunked_nll_fwd(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups, constrain):
+def _chunked_nll_fwd(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups, constrain,
+                     softcap):
   return _chunked_nll_scan(hidden_bte, kernel_ev, targets_bt, mask_bt, chunk_len, groups,
-                           constrain, with_grads=True)
+                           constrain, softcap, with_grads=True)
 
 
-def _chunked_nll_bwd(chunk_len, groups, constrain, grads, g):
+def _chunked_nll_bwd(chunk_len, groups, constrain, softcap, grads, g):
+  del softcap  # already in the residual gradients
   dhidden_bte, dkernel_ev = grads
   return (g * dhidden_bte).astype(dhidden_bte.dtype), (g * dkernel_ev).astype(dkernel_ev.dtype), \
       None, None

@@ -72,7 +72,8 @@ def distill_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig, peft: PeftC
     return distill_math.chunked_distill_sums(
         hidden_s, lm_head_kernel(student, student_cfg), hidden_t,
         lm_head_kernel(teacher, teacher_cfg), batch["targets"], batch["loss_mask"], chunk, beta,
-        settings.temperature)
+        settings.temperature, student_softcap=student_cfg.final_logit_softcap,
+        teacher_softcap=teacher_cfg.final_logit_softcap)
   return sums_fn
 
 

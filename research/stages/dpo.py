@@ -52,7 +52,7 @@ def completion_logps(params, cfg: ModelConfig, peft: PeftConfig, batch, *, deter
   # The head runs over chunks of positions: [rows, chunk, vocab] logits live, never [rows, T, V].
   chunk = loss_chunk_len(cfg, b * k // max(1, act.batch_shards()), t)
   logps_n = dpo_math.chunked_sequence_logps(hidden_nte, lm_head_kernel(params, cfg), targets_nt,
-                                            mask_nt, chunk)
+                                            mask_nt, chunk, cfg.final_logit_softcap)
   return logps_n.reshape(b, k), jnp.sum(mask_nt, axis=-1).reshape(b, k)
 
 

@@ -76,7 +76,8 @@ def lm_loss_fn(cfg: ModelConfig, peft: PeftConfig = NO_PEFT, deterministic: bool
       num, den = masked_nll_sum(logits_btv, batch["targets"], batch["loss_mask"])
       return num, den, {}
     num, den = chunked_head_nll_sum(hidden_bte, lm_head_kernel(all_params, cfg), batch["targets"],
-                                    batch["loss_mask"], chunk_len, groups, act.constrain)
+                                    batch["loss_mask"], chunk_len, groups, act.constrain,
+                                    softcap=cfg.final_logit_softcap)
     return num, den, {}
 
   return loss_fn

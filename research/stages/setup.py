@@ -49,7 +49,8 @@ def prepare_run(config: ConfigDict, workdir: str, resume: Resume) -> tuple[Mesh,
   check_config_ranges(config)
   model = config.get("model")
   if model is not None and "attention" in model:  # an attention this backend cannot run
-    attention_lib.check_backend(model.attention, model.get("dtype", "float32"))
+    attention_lib.check_backend(model.attention, model.get("dtype", "float32"),
+                                softcap=model.get("attn_logit_softcap"))
   os.makedirs(workdir, exist_ok=True)
   check_workdir(workdir, resume)
   mesh, rules = mesh_from(config), rules_from(config)
