@@ -14,6 +14,7 @@ import pytest
 
 from research.errors import ConfigError
 from research.models.config import ModelConfig
+from research.data.packing import empty_rows
 from research.models.decoder import Decoder
 from research.sampling import SamplingConfig, greedy_generate
 from research.stages import distill_onpolicy as onpolicy
@@ -45,8 +46,7 @@ def test_an_on_policy_step_trains_on_the_students_greedy_samples():
   columns = onpolicy.prompt_columns(examples, pad, width)
   assert columns["prompt_tokens"].shape == (3, width)
   np.testing.assert_array_equal(columns["prompt_tokens"][2], prompts[2][-width:])  # cut left
-  data = {k: np.full((3, seq_len), 5, np.int32) for k in
-          ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  data = {k: np.full_like(v, 5) for k, v in empty_rows(3, seq_len).items()}
   batch = {**data, **columns}
   seen = []
 
@@ -71,7 +71,8 @@ def test_an_on_policy_step_trains_on_the_students_greedy_samples():
   greedy = greedy_generate(params, CFG, [p.tolist() for p in prompts], n, pad, eos)
   assert any(len(g) < n for g in greedy) and greedy[0][-1] == eos
   assert float(on["distill/generated_length"]) == pytest.approx(np.mean([len(g) for g in greedy]))
-  assert rows["inputs"].shape == (3, seq_len)
+  for k, v in data.items():
+    assert (rows[k].shape, rows[k].dtype) == (v.shape, v.dtype), k
   for b, (prompt, sample) in enumerate(zip(prompts, greedy)):
     real = rows["segment_ids"][b] > 0
     kept = prompt[-width:]
@@ -125,7 +126,7 @@ def onpolicy_run(tmp_path_factory):
 
 def test_fully_on_policy_student_divergence_falls(onpolicy_run):
   """Every step trains on the student's samples; the held-out divergence (on the records'
-  responses) falls at least 2x in 30 steps."""
+  responses) falls at least 2x in 30 steps (seen: 2.43 -> 0.78, 3.1x)."""
   _, tmp, _ = onpolicy_run
   metrics = read_metrics(tmp / "student")
   train = [m for m in metrics if "train/distill/on_policy" in m]

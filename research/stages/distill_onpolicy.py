@@ -104,7 +104,8 @@ def prompt_columns(examples: Sequence[Example], pad_id: int, width: int) -> dict
 def sampled_rows(prompt_bp: jax.Array, prompt_seg_bp: jax.Array, resp_bn: jax.Array,
                  lengths_b: jax.Array) -> dict[str, jax.Array]:
   """LM rows [B, P + N - 1] of prompt + sample, the loss on the sampled tokens alone (the first
-  `lengths` of each row's N, its stop token included); padding as `sft_rows` pads."""
+  `lengths` of each row's N, its stop token included); padding and dtypes as `sft_rows`'s, so
+  both kinds of batch share one compile of the train step."""
   n = resp_bn.shape[1]
   on_bn = jnp.arange(n)[None, :] < lengths_b[:, None]
   seq_bl = jnp.concatenate([prompt_bp, resp_bn], axis=1)
@@ -113,7 +114,7 @@ def sampled_rows(prompt_bp: jax.Array, prompt_seg_bp: jax.Array, resp_bn: jax.Ar
   mask_bt = loss_bl[:, 1:]
   segments_bt = seg_bl[:, :-1]
   return {"inputs": seq_bl[:, :-1], "targets": jnp.where(mask_bt, seq_bl[:, 1:], 0),
-          "loss_mask": mask_bt.astype(jnp.int32), "segment_ids": segments_bt,
+          "loss_mask": mask_bt.astype(jnp.float32), "segment_ids": segments_bt,
           "positions": jnp.where(segments_bt > 0, default_positions(segments_bt), 0)}
 
 
