@@ -3,6 +3,8 @@
 Presets:
   stdlib  a fresh student (hidden 128, 2 layers) distilled from `teacher` (required: a workdir or
           HF directory, e.g. runs/tiny from the pretraining example) on the Python stdlib corpus.
+  huanhuan_onpolicy  on-policy GKD (lmbda 0.5, JSD beta 0.5) on the Zhen Huan SFT records; needs
+          `teacher` (e.g. a configs/sft.py:huanhuan_full workdir).
   test    seconds-long run for tests (needs teacher and data.corpus).
 
 `distill.divergence`: forward_kl (KL(teacher || student)), reverse_kl (KL(student || teacher)) or
@@ -63,7 +65,16 @@ def _test(c: ConfigDict) -> None:
   c.optimizer.update(lr=1e-2, warmup_steps=2)
 
 
-PRESETS = {"stdlib": _stdlib, "test": _test}
+def _huanhuan_onpolicy(c: ConfigDict) -> None:
+  # GKD's defaults as TRL ships them (lmbda 0.5, beta 0.5, temperature 0.9), on the Zhen Huan
+  # SFT records; the teacher (required) is e.g. a configs/sft.py:huanhuan_full workdir.
+  c.data.update(format="sft", path=common.repo_data("huanhuan.json"), seq_len=256,
+                eval_fraction=0.02)
+  c.distill.update(divergence="jsd", beta=0.5, temperature=0.9, lmbda=0.5, max_new_tokens=64,
+                   sample_temperature=0.9)
+
+
+PRESETS = {"stdlib": _stdlib, "huanhuan_onpolicy": _huanhuan_onpolicy, "test": _test}
 
 
 def get_config(preset: str = "stdlib") -> ConfigDict:
@@ -78,4 +89,6 @@ def get_config(preset: str = "stdlib") -> ConfigDict:
 SWEEPS = {
     "divergence": {"grid": {"distill.divergence": ["forward_kl", "reverse_kl", "jsd"],
                             "distill.temperature": [1.0, 2.0]}, "seed": 0},
+    # Off-policy, GKD's mix, fully on-policy: for an SFT preset (huanhuan_onpolicy).
+    "onpolicy_lmbda": {"grid": {"distill.lmbda": [0.0, 0.5, 1.0]}, "seed": 0},
 }

@@ -32,17 +32,18 @@ QUESTIONS = ["What color is the {t}?", "Name the color of the {t}.", "The {t} ha
 def test_an_on_policy_step_trains_on_the_students_greedy_samples():
   """The batch the jitted step receives: prompt left of column P, then the student's greedy
   continuation (equal to `greedy_generate`, stop token included), the loss on it alone; an
-  off-policy step passes the data's batch unchanged."""
+  off-policy step passes the data's batch unchanged, or with seq_kd the teacher's samples."""
   params = nn.meta.unbox(Decoder(CFG).init(jax.random.PRNGKey(1),
                                            jnp.zeros((1, 4), jnp.int32))["params"])
   seq_len, n, pad = 16, 6, 0
   rng = np.random.default_rng(0)
   prompts = [rng.integers(4, 50, size=k).astype(np.int32) for k in (3, 9, 14)]
+  width = seq_len + 1 - n
+  kept = [p[-width:].tolist() for p in prompts]  # what the step samples from: cut from the left
   # A stop token the student really emits: row 0's third greedy token, so some rows stop early.
-  eos = greedy_generate(params, CFG, [p.tolist() for p in prompts], n, pad)[0][2]
+  eos = greedy_generate(params, CFG, kept, n, pad)[0][2]
   examples = [(np.concatenate([p, [7, 8, eos]]).astype(np.int32),
                np.array([False] * len(p) + [True] * 3)) for p in prompts]
-  width = seq_len + 1 - n
   columns = onpolicy.prompt_columns(examples, pad, width)
   assert columns["prompt_tokens"].shape == (3, width)
   np.testing.assert_array_equal(columns["prompt_tokens"][2], prompts[2][-width:])  # cut left
@@ -68,19 +69,32 @@ def test_an_on_policy_step_trains_on_the_students_greedy_samples():
     np.testing.assert_array_equal(seen[1][k], v, err_msg=k)
 
   rows = seen[0]
-  greedy = greedy_generate(params, CFG, [p.tolist() for p in prompts], n, pad, eos)
+  greedy = greedy_generate(params, CFG, kept, n, pad, eos)
   assert any(len(g) < n for g in greedy) and greedy[0][-1] == eos
   assert float(on["distill/generated_length"]) == pytest.approx(np.mean([len(g) for g in greedy]))
   for k, v in data.items():
     assert (rows[k].shape, rows[k].dtype) == (v.shape, v.dtype), k
-  for b, (prompt, sample) in enumerate(zip(prompts, greedy)):
+  for b, (prompt, sample) in enumerate(zip(kept, greedy)):
     real = rows["segment_ids"][b] > 0
-    kept = prompt[-width:]
-    np.testing.assert_array_equal(rows["inputs"][b][real][:len(kept)], kept)
+    np.testing.assert_array_equal(rows["inputs"][b][real][:len(prompt)], prompt)
     np.testing.assert_array_equal(rows["targets"][b][rows["loss_mask"][b] > 0], sample)
     # The loss starts where the prompt's last token predicts the first sampled one.
     assert np.flatnonzero(rows["loss_mask"][b])[0] == width - 1
     np.testing.assert_array_equal(rows["positions"][b][real], np.arange(real.sum()))
+
+  # seq_kd: an off-policy step's responses are the teacher's greedy samples instead.
+  teacher_params = nn.meta.unbox(Decoder(CFG).init(jax.random.PRNGKey(2),
+                                                   jnp.zeros((1, 4), jnp.int32))["params"])
+  teacher = onpolicy.Sampler(params=lambda st: st.frozen["teacher"], cfg=CFG)
+  step = onpolicy.make_host_step(spy_step, sharding, np.array([False]), student, teacher,
+                                 SamplingConfig(max_new_tokens=n, stop_tokens=(eos,)), pad)
+  _, metrics = step(types.SimpleNamespace(params=params, frozen={"teacher": teacher_params},
+                                          step=jnp.int32(0), rng=jax.random.PRNGKey(0)), batch)
+  assert metrics["distill/on_policy"] == 0.0
+  by_teacher = greedy_generate(teacher_params, CFG, kept, n, pad, eos)
+  assert by_teacher != greedy
+  for b, sample in enumerate(by_teacher):
+    np.testing.assert_array_equal(seen[2]["targets"][b][seen[2]["loss_mask"][b] > 0], sample)
 
 
 def test_on_policy_schedule_is_a_function_of_seed_and_step():
@@ -174,3 +188,5 @@ def test_on_policy_needs_prompts_and_sane_sampling(tmp_path):
     bad[field] = value
     with pytest.raises(ConfigError, match=needle):
       onpolicy.check_sampling(bad, c.data)
+  preset = get_config("huanhuan_onpolicy")
+  onpolicy.check_sampling(preset.distill, preset.data)
