@@ -155,6 +155,7 @@ def test_half_on_policy_resumes_exactly(onpolicy_run, tmp_path):
   _, _, c = onpolicy_run
   c = c.copy_and_resolve_references()
   c.distill.lmbda = 0.5
+  c.mesh.update(data=2, fsdp=2, tensor=2)  # the sampler then runs on sharded weights too
   c.train.update(steps=4, eval_every=0, log_every=1, checkpoint_every=2)
   schedule = onpolicy.on_policy_schedule(c.seed, 4, 0.5)
   assert schedule[2:].any() and not schedule[2:].all(), schedule  # both kinds after the stop
