@@ -48,6 +48,7 @@ def test_an_on_policy_step_trains_on_the_students_greedy_samples():
   assert columns["prompt_tokens"].shape == (3, width)
   np.testing.assert_array_equal(columns["prompt_tokens"][2], prompts[2][-width:])  # cut left
   data = {k: np.full_like(v, 5) for k, v in empty_rows(3, seq_len).items()}
+  data["lm_mask"] = data["loss_mask"].copy()
   batch = {**data, **columns}
   seen = []
 
@@ -74,6 +75,7 @@ def test_an_on_policy_step_trains_on_the_students_greedy_samples():
   assert float(on["distill/generated_length"]) == pytest.approx(np.mean([len(g) for g in greedy]))
   for k, v in data.items():
     assert (rows[k].shape, rows[k].dtype) == (v.shape, v.dtype), k
+  assert not rows["lm_mask"].any()  # lm_weight's NLL never trains on the student's own samples
   for b, (prompt, sample) in enumerate(zip(kept, greedy)):
     real = rows["segment_ids"][b] > 0
     np.testing.assert_array_equal(rows["inputs"][b][real][:len(prompt)], prompt)

@@ -58,7 +58,8 @@ def check_settings(settings: ConfigDict, peft: PeftConfig) -> None:
 def distill_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig, peft: PeftConfig,
                  settings: ConfigDict, deterministic: bool):
   """(params, frozen, batch, rng) -> (divergence sum, student NLL sum, token count) over the
-  masked positions of LM rows (inputs, targets, segment_ids, positions, loss_mask)."""
+  masked positions of LM rows (inputs, targets, segment_ids, positions, loss_mask); the NLL over
+  `lm_mask` where the batch has one (rows that may hold samples: the data's responses only)."""
   beta = divergence_beta(settings)
 
   def sums_fn(params, frozen, batch, rng):
@@ -75,7 +76,7 @@ def distill_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig, peft: PeftC
     return distill_math.chunked_distill_sums(
         hidden_s, lm_head_kernel(student, student_cfg), hidden_t,
         lm_head_kernel(teacher, teacher_cfg), batch["targets"], batch["loss_mask"], chunk, beta,
-        settings.temperature)
+        settings.temperature, batch.get("lm_mask"))
   return sums_fn
 
 
@@ -141,7 +142,7 @@ def data_rows(config: ConfigDict, workdir: str, tokenizer) -> tuple[dict, dict]:
     out = sft_data.sft_rows(examples, seq_len, pad, not with_prompts)
     if with_prompts:
       width = seq_len + 1 - config.distill.max_new_tokens
-      out.update(onpolicy.prompt_columns(examples, pad, width))
+      out.update(onpolicy.prompt_columns(examples, pad, width), lm_mask=out["loss_mask"].copy())
     return out
   return rows(train, sampled), rows(held_out, False)
 

@@ -4,8 +4,9 @@ student's own samples from the batch's prompts, drawn with the compiled sampler 
 updates; the divergence then covers the generated tokens only, up to and including the stop
 token. With `seq_kd`, the other steps' responses are the teacher's samples instead of the data's.
 
-Rows: every SFT example is a row of its own (never packed) that carries, beside its LM columns,
-its prompt left-padded (or cut from the left) to P = seq_len + 1 - max_new_tokens tokens, so a
+Rows: every SFT example is a row of its own (never packed) that carries, beside its LM columns and
+`lm_mask` (where `lm_weight`'s NLL applies: the data's responses, never a sample, which the
+student would only be taught to repeat), its prompt left-padded (or cut from the left) to P = seq_len + 1 - max_new_tokens tokens, so a
 prompt and its sample make exactly a row's seq_len + 1 tokens: sampled and data rows have one
 shape, and both feed the one compiled train step.
 
@@ -104,8 +105,8 @@ def prompt_columns(examples: Sequence[Example], pad_id: int, width: int) -> dict
 def sampled_rows(prompt_bp: jax.Array, prompt_seg_bp: jax.Array, resp_bn: jax.Array,
                  lengths_b: jax.Array) -> dict[str, jax.Array]:
   """LM rows [B, P + N - 1] of prompt + sample, the loss on the sampled tokens alone (the first
-  `lengths` of each row's N, its stop token included); padding and dtypes as `sft_rows`'s, so
-  both kinds of batch share one compile of the train step."""
+  `lengths` of each row's N, its stop token included) and no NLL (`lm_mask` 0); padding and
+  dtypes as `sft_rows`'s, so both kinds of batch share one compile of the train step."""
   n = resp_bn.shape[1]
   on_bn = jnp.arange(n)[None, :] < lengths_b[:, None]
   seq_bl = jnp.concatenate([prompt_bp, resp_bn], axis=1)
@@ -114,7 +115,8 @@ def sampled_rows(prompt_bp: jax.Array, prompt_seg_bp: jax.Array, resp_bn: jax.Ar
   mask_bt = loss_bl[:, 1:]
   segments_bt = seg_bl[:, :-1]
   return {"inputs": seq_bl[:, :-1], "targets": jnp.where(mask_bt, seq_bl[:, 1:], 0),
-          "loss_mask": mask_bt.astype(jnp.float32), "segment_ids": segments_bt,
+          "loss_mask": mask_bt.astype(jnp.float32), "lm_mask": jnp.zeros(mask_bt.shape),
+          "segment_ids": segments_bt,
           "positions": jnp.where(segments_bt > 0, default_positions(segments_bt), 0)}
 
 
