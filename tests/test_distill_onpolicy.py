@@ -4,6 +4,10 @@ tokens only; a fully on-policy run cuts the held-out divergence; stop-and-resume
 straight run at lmbda 0.5; on-policy on a corpus is a one-line error."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import flax.linen as nn
@@ -193,3 +197,16 @@ def test_on_policy_needs_prompts_and_sane_sampling(tmp_path):
       onpolicy.check_sampling(bad, c.data)
   preset = get_config("huanhuan_onpolicy")
   onpolicy.check_sampling(preset.distill, preset.data)
+
+
+def test_cli_on_policy_on_a_corpus_is_one_error_line(tmp_path):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.distill", "--config=configs/distill.py:test",
+       f"--workdir={tmp_path / 'run'}", "--config.distill.lmbda=0.5"],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "distill.lmbda=0.5" in errors[0], proc.stderr
