@@ -210,3 +210,18 @@ def test_cli_on_policy_on_a_corpus_is_one_error_line(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "distill.lmbda=0.5" in errors[0], proc.stderr
+
+
+def test_lora_student_samples_on_policy(onpolicy_run, tmp_path):
+  """A LoRA student (the teacher's weights plus adapters) samples with its adapters applied."""
+  from research.stages import distill
+  _, tmp, c = onpolicy_run
+  c = c.copy_and_resolve_references()
+  c.init = str(tmp / "teacher")
+  c.peft.update(method="lora", r=4, alpha=8.0, targets=("q", "v"))
+  c.train.update(steps=2, eval_every=0, log_every=1, checkpoint_every=2)
+  distill.run(c, str(tmp_path / "lora"))
+  train = [m for m in read_metrics(tmp_path / "lora") if "train/distill/on_policy" in m]
+  assert [m["train/distill/on_policy"] for m in train] == [1.0, 1.0]
+  assert all(np.isfinite(m["train/loss"]) and m["train/distill/generated_length"] >= 1
+             for m in train)
