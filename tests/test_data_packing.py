@@ -108,3 +108,14 @@ def test_large_corpus_is_fast():
 def test_out_of_range_ids_raise():
   with pytest.raises(ValueError, match="token ids"):
     pack_documents([[-3, 4]], 4, EOS, PAD)
+
+
+def test_lm_rows_may_carry_extra_columns_on_their_row_axis():
+  packed = pack_documents([[5, 6, 7]] * 4, 8, EOS, PAD)
+  n = num_rows(packed)
+  rows = {**packed, "prompt_tokens": np.zeros((n, 3))}
+  assert num_rows(rows) == n
+  with pytest.raises(ValueError, match="extra row columns"):
+    num_rows({**rows, "prompt_tokens": np.zeros((n + 1, 3))})
+  with pytest.raises(ValueError, match="must hold all of"):
+    num_rows({k: v for k, v in rows.items() if k != "positions"})

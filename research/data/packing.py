@@ -92,15 +92,20 @@ def pack_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: i
 
 
 def num_rows(rows: dict[str, np.ndarray]) -> int:
-  """Rows in a batch dict. LM rows must hold exactly the contract keys with one `[rows, seq]`
-  shape; other stages' rows (preference arrays, ...) need only share the leading row axis."""
+  """Rows in a batch dict. LM rows must hold all the contract keys with one `[rows, seq]` shape,
+  and may carry other columns on the same row axis (on-policy distillation's prompts); other
+  stages' rows (preference arrays, ...) need only share the leading row axis."""
   if "inputs" in rows:
-    if set(rows) != set(BATCH_KEYS):
-      raise ValueError(f"row dict must hold exactly {BATCH_KEYS}, got {sorted(rows)}")
+    if not set(BATCH_KEYS) <= set(rows):
+      raise ValueError(f"row dict must hold all of {BATCH_KEYS}, got {sorted(rows)}")
     shapes = {rows[k].shape for k in BATCH_KEYS}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
       raise ValueError(f"row arrays must share one [rows, seq] shape, got {shapes}")
-    return next(iter(shapes))[0]
+    n = next(iter(shapes))[0]
+    if any(len(v) != n for v in rows.values()):
+      raise ValueError(f"extra row columns must have the LM rows' {n} rows, got "
+                       f"{ {k: len(v) for k, v in rows.items()} }")
+    return n
   lengths = {len(v) for v in rows.values()}
   if len(lengths) != 1:
     raise ValueError(f"row arrays must share their leading row axis, got lengths {lengths}")

@@ -45,12 +45,13 @@ def chunked_distill_sums(student_hidden_bte: jax.Array, student_kernel_ev: jax.A
                          teacher_hidden_bte: jax.Array, teacher_kernel_ev: jax.Array,
                          targets_bt: jax.Array, mask_bt: jax.Array, chunk_len: int, beta: float,
                          temperature: float = 1.0, student_softcap: float | None = None,
-                         teacher_softcap: float | None = None
+                         teacher_softcap: float | None = None, nll_mask_bt: jax.Array | None = None,
                          ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(masked sum of `generalized_jsd`, masked sum of the student's NLL of `targets`, mask count).
 
   Each model's logits are `soft_cap(hidden @ kernel, its softcap)` (the models' final-logit caps,
-  None for none), as their decoders compute them.
+  None for none), as their decoders compute them. The NLL sums over `nll_mask` where given
+  (on-policy rows: the data's responses only), else over `mask`; the count is always `mask`'s.
 
   Both heads run over chunks of `chunk_len` positions of every row (0: all at once) inside a
   rematerialised scan: only [B, chunk_len, V] logits of each model are live, and the backward
@@ -60,16 +61,17 @@ def chunked_distill_sums(student_hidden_bte: jax.Array, student_kernel_ev: jax.A
   teacher_hidden_bte = jax.lax.stop_gradient(teacher_hidden_bte)
   teacher_kernel_ev = jax.lax.stop_gradient(teacher_kernel_ev)
   mask_bt = mask_bt.astype(jnp.float32)
+  nll_mask_bt = mask_bt if nll_mask_bt is None else nll_mask_bt.astype(jnp.float32)
 
-  def sums(h_s, h_t, targets, mask):
+  def sums(h_s, h_t, targets, mask, nll_mask):
     logits_s = soft_cap(h_s @ student_kernel_ev, student_softcap)  # [B, chunk, V]
     logits_t = soft_cap(h_t @ teacher_kernel_ev, teacher_softcap)
     div = generalized_jsd(logits_s, logits_t, beta, temperature)
     nll = _nll(logits_s, targets)
-    return jnp.sum(div * mask), jnp.sum(nll * mask)
+    return jnp.sum(div * mask), jnp.sum(nll * nll_mask)
 
   if not chunk_len or chunk_len >= t:
-    div, nll = sums(student_hidden_bte, teacher_hidden_bte, targets_bt, mask_bt)
+    div, nll = sums(student_hidden_bte, teacher_hidden_bte, targets_bt, mask_bt, nll_mask_bt)
     return div, nll, jnp.sum(mask_bt)
   if t % chunk_len:
     raise ValueError(f"chunked distillation loss: chunk_len={chunk_len} must divide the length {t}")
@@ -83,5 +85,6 @@ def chunked_distill_sums(student_hidden_bte: jax.Array, student_kernel_ev: jax.A
 
   zero = jnp.zeros((), jnp.float32)
   (div, nll), _ = jax.lax.scan(body, (zero, zero), tuple(
-      to_chunks(x) for x in (student_hidden_bte, teacher_hidden_bte, targets_bt, mask_bt)))
+      to_chunks(x) for x in (student_hidden_bte, teacher_hidden_bte, targets_bt, mask_bt,
+                             nll_mask_bt)))
   return div, nll, jnp.sum(mask_bt)

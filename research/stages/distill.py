@@ -1,6 +1,8 @@
-"""Knowledge distillation (off-policy): a frozen teacher (a workdir or HF directory) and a student
-(fresh from `student.*`, or a checkpoint) sharing one tokenizer, trained on a corpus or SFT
-records with forward KL, reverse KL or GKD's generalised JSD, optionally plus the LM loss."""
+"""Knowledge distillation: a frozen teacher (a workdir or HF directory) and a student (fresh from
+`student.*`, or a checkpoint) sharing one tokenizer, trained on a corpus or SFT records with
+forward KL, reverse KL or GKD's generalised JSD, optionally plus the LM loss. Off-policy on the
+data's tokens; with `distill.lmbda` > 0 (SFT records), on-policy on that fraction of steps: the
+responses are the student's own samples (research/stages/distill_onpolicy.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from research.models.decoder import Decoder, lm_head_kernel
 from research.models.peft import PeftConfig, split_trainable
 from research.objectives import distill as distill_math
 from research.parallel import activations as act
+from research.stages import distill_onpolicy as onpolicy
 from research.stages import pretrain, setup
 from research.stages.lm import loss_chunk_len, merge_params
 from research.stages.sft import peft_from
@@ -55,7 +58,8 @@ def check_settings(settings: ConfigDict, peft: PeftConfig) -> None:
 def distill_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig, peft: PeftConfig,
                  settings: ConfigDict, deterministic: bool):
   """(params, frozen, batch, rng) -> (divergence sum, student NLL sum, token count) over the
-  masked positions of LM rows (inputs, targets, segment_ids, positions, loss_mask)."""
+  masked positions of LM rows (inputs, targets, segment_ids, positions, loss_mask); the NLL over
+  `lm_mask` where the batch has one (rows that may hold samples: the data's responses only)."""
   beta = divergence_beta(settings)
 
   def sums_fn(params, frozen, batch, rng):
@@ -73,7 +77,7 @@ def distill_sums(student_cfg: ModelConfig, teacher_cfg: ModelConfig, peft: PeftC
         hidden_s, lm_head_kernel(student, student_cfg), hidden_t,
         lm_head_kernel(teacher, teacher_cfg), batch["targets"], batch["loss_mask"], chunk, beta,
         settings.temperature, student_softcap=student_cfg.final_logit_softcap,
-        teacher_softcap=teacher_cfg.final_logit_softcap)
+        teacher_softcap=teacher_cfg.final_logit_softcap, nll_mask_bt=batch.get("lm_mask"))
   return sums_fn
 
 
@@ -109,8 +113,14 @@ def distill_evaluator(rows: dict, batch_size: int, max_batches: int, sums_fn, lm
   return make
 
 
+def samples_responses(settings: ConfigDict) -> bool:
+  """Whether some steps train on sampled responses (the student's, or with seq_kd the teacher's)."""
+  return settings.lmbda > 0 or settings.seq_kd
+
+
 def data_rows(config: ConfigDict, workdir: str, tokenizer) -> tuple[dict, dict]:
-  """(train, eval) LM rows: a corpus packed whole, or SFT records masked to their responses."""
+  """(train, eval) LM rows: a corpus packed whole, or SFT records masked to their responses;
+  when steps sample responses, one SFT example per train row, with its prompt columns."""
   seq_len = config.data.seq_len
   if config.data.format == "corpus":
     texts = pretrain.corpus_texts(config, workdir)
@@ -126,10 +136,16 @@ def data_rows(config: ConfigDict, workdir: str, tokenizer) -> tuple[dict, dict]:
   train, held_out = sft_data.split_records(records, config.data.eval_fraction, seed=config.seed)
   pad = tokenizer.pad_token_id
 
-  def rows(recs):
+  sampled = samples_responses(config.distill)
+
+  def rows(recs, with_prompts):
     examples, _ = sft_data.tokenize_sft(recs, tokenizer, seq_len, "truncate_prompt_left")
-    return sft_data.sft_rows(examples, seq_len, pad, True)
-  return rows(train), rows(held_out)
+    out = sft_data.sft_rows(examples, seq_len, pad, not with_prompts)
+    if with_prompts:
+      width = seq_len + 1 - config.distill.max_new_tokens
+      out.update(onpolicy.prompt_columns(examples, pad, width), lm_mask=out["loss_mask"].copy())
+    return out
+  return rows(train, sampled), rows(held_out, False)
 
 
 def _same_vocab(teacher: Any, student: Any, where: str) -> None:
@@ -144,6 +160,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   peft = peft_from(config.peft)
   settings = config.distill
   check_settings(settings, peft)
+  onpolicy.check_sampling(settings, config.data)
   if not config.teacher:
     raise ConfigError("teacher is empty: name the teacher's workdir or Hugging Face directory "
                       "(--config.teacher=DIR)")
@@ -182,6 +199,18 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   # resumed run restores its checkpoint instead (and one that never saved starts from these).
   base = {**(student_params or {}), TEACHER: teacher_params}
   sums = lambda det: distill_sums(student_cfg, teacher_cfg, peft, settings, det)  # noqa: E731
+  wrap_step = None
+  if samples_responses(settings):
+    student = onpolicy.Sampler(
+        params=lambda st: merge_params(st.params, {k: v for k, v in st.frozen.items()
+                                                   if k != TEACHER}),
+        cfg=student_cfg, peft=peft)
+    teacher = onpolicy.Sampler(params=lambda st: st.frozen[TEACHER], cfg=teacher_cfg)
+    schedule_s = onpolicy.on_policy_schedule(config.seed, config.train.steps, settings.lmbda)
+    sampling = onpolicy.sampling_config(settings, tokenizer.eos_token_id)
+    wrap_step = lambda step, sharding: onpolicy.make_host_step(  # noqa: E731
+        step, sharding, schedule_s, student, teacher if settings.seq_kd else None, sampling,
+        tokenizer.pad_token_id)
   spec = StageSpec(
       init_fn=init_fn, train_loss=distill_loss_fn(sums(False), settings.lm_weight),
       eval_loss=distill_loss_fn(sums(True), settings.lm_weight), train_rows=train_rows,
@@ -191,7 +220,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
                                        settings.lm_weight),
       meta={"model_config": student_cfg.to_dict(), "peft_config": peft.to_dict(),
             "teacher": os.path.abspath(config.teacher)},
-      lm_loss=False)
+      lm_loss=False, wrap_step=wrap_step)
   state, last_eval = run_training(config, workdir, resume, spec, mesh=mesh, rules=rules)
   return {"state": state, "eval": last_eval, "model_config": student_cfg,
           "teacher_config": teacher_cfg}
