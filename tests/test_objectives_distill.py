@@ -81,7 +81,7 @@ def test_chunked_sums_equal_whole_logits_and_their_gradient(beta):
   # A separate NLL mask (on-policy rows: the data's responses only) leaves divergence and count.
   nll_mask = mask.at[0].set(0.0)
   div, nll, count = distill.chunked_distill_sums(hs, ws, ht, wt, targets, mask, 2, beta, 1.5,
-                                                 nll_mask)
+                                                 nll_mask_bt=nll_mask)
   np.testing.assert_allclose((div, count), (whole[0], whole[2]), rtol=1e-5)
   logits = jax.nn.log_softmax(hs @ ws)
   per_nll = -jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
