@@ -14,7 +14,7 @@ the exporter names them when given another).
 to-hf writes a LoRA run with its adapters merged into the weights; to-peft writes them as a PEFT
 adapter dir beside the frozen base (in OUT_DIR/base, or --base-dir: exported there when missing,
 referenced when it already holds this run's base). from-gguf dequantises a llama.cpp file (Llama,
-Qwen2, Mistral, Gemma 2, Gemma 3 text) to float32 and writes a run directory or a Hugging Face
+Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3 text) to float32 and writes a run directory or a Hugging Face
 dir, tokenizer and chat template included.
 """
 
