@@ -88,7 +88,9 @@ RANGES: dict[tuple[str, str], Range] = {
     ("dpo", "label_smoothing"): within(0, 0.5, open_hi=True),
     # distillation (the student's model fields as the model's)
     ("distill", "beta"): within(0, 1), ("distill", "lm_weight"): at_least(0),
-    ("distill", "temperature"): above(0),
+    ("distill", "temperature"): above(0), ("distill", "lmbda"): within(0, 1),
+    ("distill", "max_new_tokens"): at_least(1), ("distill", "sample_temperature"): at_least(0),
+    ("distill", "top_k"): at_least(0), ("distill", "top_p"): Range(lambda v: 0 < v <= 1, "in (0, 1]"),
     # GRPO and its task
     ("grpo", "beta"): at_least(0), ("grpo", "epsilon_low"): within(0, 1, open_hi=True),
     ("grpo", "epsilon_high"): above(0), ("grpo", "group_size"): at_least(2),
