@@ -81,10 +81,21 @@ def gemma2_dir(tmp_path_factory) -> pathlib.Path:
   return path
 
 
-def test_peft_adapter_loads_in_peft_on_the_exported_base(gemma2_dir, tmp_path):
-  """LoRA on every projection of a Gemma 2 decoder: the adapter exported with its base gives our
-  logits in transformers + peft, and so does our merged model."""
-  cfg, base = load_hf_checkpoint(gemma2_dir)
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory) -> pathlib.Path:
+  path = tmp_path_factory.mktemp("gemma3") / "hf"
+  _tiny_hf("Gemma3TextConfig", vocab_size=96, num_hidden_layers=2, query_pre_attn_scalar=24,
+           sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+           rope_local_base_freq=100.0).save_pretrained(path)
+  return path
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_peft_adapter_loads_in_peft_on_the_exported_base(arch, request, tmp_path):
+  """LoRA on every projection of a Gemma 2 / Gemma 3 decoder: the adapter exported with its base
+  gives our logits in transformers + peft, and so does our merged model."""
+  cfg, base = load_hf_checkpoint(request.getfixturevalue(
+      "gemma2_dir" if arch == "gemma2" else "gemma3_dir"))
   shapes = jax.eval_shape(lambda: nn.meta.unbox(Decoder(cfg, LORA).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
   rng = np.random.default_rng(0)
@@ -95,9 +106,10 @@ def test_peft_adapter_loads_in_peft_on_the_exported_base(gemma2_dir, tmp_path):
   merged = _our_logits(cfg, jax.jit(lambda p: merge_lora(p, LORA))(params), tokens)
   np.testing.assert_allclose(merged, ours, atol=1e-4, rtol=0)
   adapter, base_dir = export_peft(params, cfg, LORA, tmp_path / "adapter")
-  assert json.loads((base_dir / "config.json").read_text())["model_type"] == "gemma2"
+  assert json.loads((base_dir / "config.json").read_text())["model_type"] == arch
   base_model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-  assert type(base_model).__name__ == "Gemma2ForCausalLM"
+  assert type(base_model).__name__ == {"gemma2": "Gemma2ForCausalLM",
+                                       "gemma3_text": "Gemma3ForCausalLM"}[arch]
   without = _hf_logits(base_model, tokens)
   with_adapter = _hf_logits(peft_lib.PeftModel.from_pretrained(base_model, str(adapter)), tokens)
   np.testing.assert_allclose(with_adapter, ours, atol=1e-4, rtol=0)
