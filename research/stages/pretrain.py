@@ -36,7 +36,9 @@ def prepare_tokenizer(config: ConfigDict, workdir: str, texts: list[str],
     return tokenizer_lib.load_tokenizer(saved)
   source = config.data.tokenizer or init_tokenizer
   if source:
-    return tokenizer_lib.load_tokenizer(source)
+    # Imported here: the model zoo pulls in pip and the converters only for `fetch:NAME`.
+    from research.interop.model_zoo import resolve_init  # pylint: disable=import-outside-toplevel
+    return tokenizer_lib.load_tokenizer(resolve_init(source))
   sample, size = [], 0
   for text in texts:  # the first N bytes of the corpus are plenty to learn merges
     sample.append(text)
