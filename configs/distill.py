@@ -5,6 +5,8 @@ Presets:
           HF directory, e.g. runs/tiny from the pretraining example) on the Python stdlib corpus.
   huanhuan_onpolicy  on-policy GKD (lmbda 0.5, JSD beta 0.5) on the Zhen Huan SFT records; needs
           `teacher` (e.g. a configs/sft.py:huanhuan_full workdir).
+  smollm2_student  SmolLM2-135M-Instruct (fetched) into a fresh 10-layer student of its width on
+          the stdlib corpus; configs/pretrain.py:smollm2_student is its text-only baseline.
   test    seconds-long run for tests (needs teacher and data.corpus).
 
 `distill.divergence`: forward_kl (KL(teacher || student)), reverse_kl (KL(student || teacher)) or
@@ -20,7 +22,7 @@ responses the teacher's samples. Which steps sample follows from `seed` and the 
 
 from ml_collections import ConfigDict
 
-from configs import common
+from configs import common, pretrain
 from configs.sft import peft_config
 
 
@@ -74,7 +76,22 @@ def _huanhuan_onpolicy(c: ConfigDict) -> None:
                    sample_temperature=0.9)
 
 
-PRESETS = {"stdlib": _stdlib, "huanhuan_onpolicy": _huanhuan_onpolicy, "test": _test}
+def _smollm2_student(c: ConfigDict) -> None:
+  # SmolLM2-135M-Instruct (fetched on first use) into a fresh student of a third of its depth,
+  # forward KL on the stdlib corpus; configs/pretrain.py:smollm2_student is the same student on
+  # the text alone, for the same steps and tokens (the same rows: same corpus, seq_len and seed).
+  base = pretrain.get_config("smollm2_student")
+  c.teacher = "fetch:smollm2-135m-instruct"
+  c.student.update(**pretrain.SMOLLM2_THIRD)
+  c.data.update(seq_len=base.data.seq_len, eval_fraction=base.data.eval_fraction,
+                stdlib_max_bytes=base.data.stdlib_max_bytes)
+  c.distill.update(divergence="forward_kl", temperature=1.0, lm_weight=0.0)
+  c.train.update(**{k: base.train[k] for k in ("steps", "global_batch", "eval_every", "log_every",
+                                               "checkpoint_every", "max_eval_batches")})
+  c.optimizer.update(**base.optimizer.to_dict())
+
+
+PRESETS = {"stdlib": _stdlib, "smollm2_student": _smollm2_student, "huanhuan_onpolicy": _huanhuan_onpolicy, "test": _test}
 
 
 def get_config(preset: str = "stdlib") -> ConfigDict:

@@ -56,7 +56,22 @@ def _small(c: ConfigDict) -> None:
   c.optimizer.update(lr=1e-3, warmup_steps=50)
 
 
-PRESETS = {"tiny": _tiny, "test": _test, "small": _small}
+# A third of SmolLM2-135M's depth at its width (63M parameters, 28M of them the tied embedding).
+SMOLLM2_THIRD = dict(hidden_size=576, num_layers=10, num_heads=9, num_kv_heads=3, head_dim=64,
+                     mlp_dim=1536, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True)
+
+
+def _smollm2_student(c: ConfigDict) -> None:
+  # The baseline of configs/distill.py:smollm2_student: the same student, data, rows, steps and
+  # optimizer, trained on the text alone (its tokenizer is SmolLM2's, fetched on first use).
+  c.model.update(**SMOLLM2_THIRD)
+  c.data.update(tokenizer="fetch:smollm2-135m-instruct", seq_len=256)
+  c.train.update(steps=150, global_batch=8, eval_every=25, log_every=5, checkpoint_every=50,
+                 max_eval_batches=8, sample_prompts=())
+  c.optimizer.update(lr=1e-3, warmup_steps=20)
+
+
+PRESETS = {"tiny": _tiny, "test": _test, "small": _small, "smollm2_student": _smollm2_student}
 
 
 def get_config(preset: str = "tiny") -> ConfigDict:
