@@ -91,7 +91,8 @@ def _smollm2_student(c: ConfigDict) -> None:
   c.optimizer.update(**base.optimizer.to_dict())
 
 
-PRESETS = {"stdlib": _stdlib, "smollm2_student": _smollm2_student, "huanhuan_onpolicy": _huanhuan_onpolicy, "test": _test}
+PRESETS = {"stdlib": _stdlib, "smollm2_student": _smollm2_student,
+           "huanhuan_onpolicy": _huanhuan_onpolicy, "test": _test}
 
 
 def get_config(preset: str = "stdlib") -> ConfigDict:

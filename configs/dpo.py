@@ -51,7 +51,7 @@ def _hh_rlhf(c: ConfigDict) -> None:
 
 def _hh_rlhf_smollm2(c: ConfigDict) -> None:
   # From SmolLM2-135M-Instruct (fetched on first use), LoRA on the same 64 held-out pairs as
-  # configs/reward.py:hh_rlhf_smollm2; sized for 2 CPU cores: 60 steps of 8 pairs (one pass over
+  # configs/reward.py:hh_rlhf_smollm2; sized for 2 CPU cores: 60 steps of 8 pairs (1.1 passes over
   # the 436 training pairs), each step forwarding 16 rows of up to 256 tokens.
   _hh_rlhf(c)
   c.init = "fetch:smollm2-135m-instruct"

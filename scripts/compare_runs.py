@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from research.train.metrics import read_metrics
+from research.train.metrics import METRICS_FILE, read_metrics
 
 
 class RunSpecError(ValueError):
@@ -33,7 +33,7 @@ def parse_run(spec: str, default_key: str) -> tuple[str, str, str]:
 
 def series(workdir: str, key: str) -> list[tuple[int, float]]:
   """(step, value) of `key` in the run's metrics; one clear error when either is missing."""
-  if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+  if not os.path.isfile(os.path.join(workdir, METRICS_FILE)):
     raise RunSpecError(f"{workdir}: no metrics.jsonl here; pass a run's --workdir")
   records = read_metrics(workdir)
   points = [(int(r["step"]), float(r[key])) for r in records if key in r]
@@ -48,8 +48,9 @@ def markdown_table(runs: Sequence[tuple[str, list[tuple[int, float]]]]) -> str:
   shared = sorted(set.intersection(*(set(s for s, _ in pts) for _, pts in runs)))
   lines = ["| step | " + " | ".join(label for label, _ in runs) + " |",
            "| ---: |" + " ---: |" * len(runs)]
+  by_step = [dict(pts) for _, pts in runs]
   for step in shared:
-    cells = [f"{dict(pts)[step]:.4f}" for _, pts in runs]
+    cells = [f"{values[step]:.4f}" for values in by_step]
     lines.append(f"| {step} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
