@@ -229,3 +229,34 @@ def test_lora_reference_is_the_base_with_the_adapter_off():
                               if "_lora" in jax.tree_util.keystr(k)]
   assert lora_leaves(models.policy(state.params, state.frozen))
   assert not lora_leaves(models.reference(state.frozen))
+
+
+def test_policy_kl_sums_match_a_hand_computation():
+  """k1 and k3 over the masked-in tokens only, per token and per completion."""
+  from scripts.policy_kl import kl_sums, summarize
+  logp = np.log(np.array([[0.5, 0.25, 0.9], [0.1, 0.2, 0.3]]))
+  ref = np.log(np.array([[0.25, 0.5, 0.1], [0.1, 0.4, 0.6]]))
+  mask = np.array([[1, 1, 0], [1, 1, 1]])
+  k1 = [np.log(0.5 / 0.25), np.log(0.25 / 0.5), np.log(0.1 / 0.1), np.log(0.2 / 0.4),
+        np.log(0.3 / 0.6)]
+  k3 = [np.exp(-x) - 1 + x for x in k1]  # r = p_ref / p = exp(-k1); k3 = r - 1 - log r
+  got = summarize(kl_sums(logp, ref, mask))
+  np.testing.assert_allclose(got["kl_k1"], np.mean(k1), rtol=1e-12)
+  np.testing.assert_allclose(got["kl"], np.mean(k3), rtol=1e-12)
+  np.testing.assert_allclose(got["kl_sequence"], np.sum(k1) / 2, rtol=1e-12)
+  assert got["mean_length"] == 2.5
+
+
+def test_policy_kl_of_a_run(grpo_straight):
+  """`scripts/policy_kl`: the trained policy against itself is exactly 0; against its start (the
+  run's init) it is positive, as the step's own `kl` was; a non-GRPO workdir is refused."""
+  from scripts.policy_kl import held_out_kl, main
+  _, root = grpo_straight
+  run = str(root / "straight")
+  same = held_out_kl(run, 12, samples=2, reference=run)
+  assert abs(same["kl"]) < 1e-6 and abs(same["kl_k1"]) < 1e-5, same
+  moved = held_out_kl(run, 12, samples=2)
+  assert moved["reference"] == str(root / "base") and moved["prompts"] == 16
+  assert moved["kl"] > 1e-3 and moved["kl_sequence"] > 0 and 0 <= moved["accuracy"] <= 1, moved
+  with pytest.raises(SystemExit, match="has no config.json"):
+    main(["--workdir", str(root / "base")])
