@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -45,90 +44,52 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
           "mean_length": sums["tokens"] / max(sums["sequences"], 1.0)}
 
 
-def read_run_config(workdir: str):
-  from ml_collections import ConfigDict  # pylint: disable=import-outside-toplevel
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise SystemExit(f"policy_kl: {workdir} has no config.json; pass the --workdir of a GRPO run")
-  with open(path, encoding="utf-8") as f:
-    config = ConfigDict(json.load(f))
-  if config.get("stage") != "grpo":
-    raise SystemExit(f"policy_kl: {workdir} is a {config.get('stage')!r} run; this reads GRPO runs "
-                     "(their config names the held-out prompts and the sampling settings)")
-  return config
-
-
 def held_out_kl(workdir: str, step: int | None = None, samples: int = 4,
                 reference: str = "", batch_size: int = 32, seed: int = 0) -> dict[str, Any]:
   """The metrics of the module docstring for the policy at `step` (None: the newest)."""
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
+  from research import policy_eval
   from research.data import arithmetic
-  from research.data.tokenizer import load_tokenizer
-  from research.models.peft import NO_PEFT, strip_peft
-  from research.parallel.mesh import make_mesh
-  from research.parallel.rules import DEFAULT_RULES
-  from research.sampling import generate_tokens, left_pad
-  from research.stages import grpo, setup
+  from research.errors import ConfigError
+  from research.stages import grpo
   from research.stages.ppo_step import response_logprobs
-  from research.train import workdir as wd
 
-  config = read_run_config(workdir)
-  mesh = make_mesh({"data": -1})
-  cfg, peft, params, tok_dir, _ = wd.load_run(workdir, step, mesh=mesh)
-  tokenizer = load_tokenizer(tok_dir)
-  s = grpo.settings_from(config, tokenizer)
-  held = params.pop("ref", None) if isinstance(params, dict) else None  # full run, beta > 0
-  if held is not None and not reference:
-    ref_cfg, ref_params, ref_source = cfg, held, "the reference the run held"
-  elif peft.method == "lora" and not reference:
-    ref_cfg, ref_params, ref_source = cfg, strip_peft(params), "the base, adapter off"
-  else:
-    ref_source = reference or config.init
-    if not ref_source:
-      raise SystemExit("policy_kl: the run built its own base (init=''); pass --reference=DIR")
-    ref_cfg, ref_params, _ = setup.load_init_weights(ref_source, mesh, DEFAULT_RULES)
-  if ref_cfg.vocab_size != cfg.vocab_size:
-    raise SystemExit(f"policy_kl: the reference {ref_source} has vocab {ref_cfg.vocab_size}, the "
-                     f"policy {cfg.vocab_size}; they must share a tokenizer")
-
-  _, held_out = grpo.task_examples(config.task, config.seed)
-  ids = grpo.prompt_ids(held_out, tokenizer, config.task.chat_template, config.task.max_prompt_len)
+  run = policy_eval.load_policy_run(workdir, step, reference)
+  if run.config.stage != "grpo":
+    raise ConfigError(f"{workdir} is a {run.config.stage!r} run; policy_kl samples with a GRPO "
+                      "run's settings (for DPO, scripts/score_answers compares the answers)")
+  s = grpo.settings_from(run.config, run.tokenizer)
+  ids, held_out = policy_eval.held_out_prompts(run.config, run.tokenizer)
   rows = [i for i in range(len(ids)) for _ in range(samples)]
-  tokens, segments = left_pad([ids[i] for i in rows], s.pad_id)  # one width: one compile
-  p = tokens.shape[1]
-  logp = jax.jit(lambda prm, q, g, r: response_logprobs(prm, cfg, peft, q, g, p, r)[0])
-  ref_logp = jax.jit(lambda prm, q, g, r: response_logprobs(prm, ref_cfg, NO_PEFT, q, g, p, r)[0])
+  pol, ref = run.policy, run.reference
+
+  def logprobs(model):
+    return jax.jit(lambda prm, q, g, r: response_logprobs(prm, model.cfg, model.peft, q, g,
+                                                          q.shape[1] - r.shape[1], r)[0])
+  pol_logp, ref_logp = logprobs(pol), logprobs(ref)
 
   totals: dict[str, float] = {}
-  correct, completions = 0, 0
+  correct = 0
   with_answers = all("answer" in ex for ex in held_out)
-  for b, lo in enumerate(range(0, len(rows), batch_size)):
-    t, g = tokens[lo:lo + batch_size], segments[lo:lo + batch_size]
-    n = len(t)
-    t = np.concatenate([t, np.repeat(t[:1], batch_size - n, 0)])  # one static shape
-    g = np.concatenate([g, np.repeat(g[:1], batch_size - n, 0)])
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), b)
-    resp, lengths = generate_tokens(params, jnp.asarray(t), jnp.asarray(g), key, cfg=cfg,
-                                    sampling=s.sampling, pad_id=s.pad_id, peft=peft)
-    mask = (jnp.arange(resp.shape[1])[None, :] < lengths[:, None]).astype(jnp.int32)
-    seq, seg = jnp.concatenate([jnp.asarray(t), resp], 1), jnp.concatenate([jnp.asarray(g), mask], 1)
-    batch = kl_sums(*(np.asarray(x)[:n] for x in (logp(params, seq, seg, resp),
-                                                   ref_logp(ref_params, seq, seg, resp), mask)))
+  for lo, n, t, g, resp, lengths in policy_eval.generate_rows(
+      pol, [ids[i] for i in rows], s.sampling, s.pad_id, batch_size, seed):
+    mask = (np.arange(resp.shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+    seq, seg = jnp.asarray(np.concatenate([t, resp], 1)), jnp.asarray(np.concatenate([g, mask], 1))
+    batch = kl_sums(*(np.asarray(x)[:n] for x in (pol_logp(pol.params, seq, seg, resp),
+                                                   ref_logp(ref.params, seq, seg, resp), mask)))
     totals = {k: totals.get(k, 0.0) + v for k, v in batch.items()}
     if with_answers:
-      resp_np, len_np = np.asarray(resp)[:n], np.asarray(lengths)[:n]
-      texts = tokenizer.batch_decode([r[:k].tolist() for r, k in zip(resp_np, len_np)],
-                                     skip_special_tokens=True)
-      correct += sum(arithmetic.is_correct(c, held_out[rows[lo + i]]["answer"], config.reward.tag)
-                     for i, c in enumerate(texts))
-      completions += n
-  out: dict[str, Any] = {"workdir": workdir, "step": step, "reference": ref_source,
+      texts = run.tokenizer.batch_decode([r[:k].tolist() for r, k in zip(resp[:n], lengths[:n])],
+                                         skip_special_tokens=True)
+      correct += sum(arithmetic.is_correct(c, held_out[rows[lo + i]]["answer"],
+                                           run.config.reward.tag) for i, c in enumerate(texts))
+  out: dict[str, Any] = {"workdir": workdir, "step": step, "reference": ref.source,
                          "prompts": len(ids), "samples": samples,
                          "temperature": s.sampling.temperature, **summarize(totals)}
   if with_answers:
-    out["accuracy"] = correct / max(completions, 1)
+    out["accuracy"] = correct / max(len(rows), 1)
   return out
 
 
@@ -144,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.samples < 1:
     parser.error(f"--samples={args.samples} must be at least 1")
-  result = held_out_kl(args.workdir, args.step, args.samples, args.reference, args.batch_size,
-                       args.seed)
+  from research.errors import UserError  # pylint: disable=import-outside-toplevel
+  try:
+    result = held_out_kl(args.workdir, args.step, args.samples, args.reference, args.batch_size,
+                         args.seed)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in result.items()), flush=True)
   if args.json:

@@ -174,3 +174,40 @@ def test_bad_settings_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match="sigmoid and simpo"):
     dpo.check_settings(s, NO_PEFT)
   assert dpo.reference_kind("simpo", NO_PEFT, True) == "none"
+
+
+def test_score_answers_helpers():
+  from scripts.score_answers import compare, cut_at
+  assert cut_at(" Sure.\n\nHuman: more", "\n\nHuman:") == " Sure." and cut_at("a", "") == "a"
+  got = compare(before=[0.0, 1.0, 2.0, 1.0], after=[1.0, 1.0, 4.0, 0.0],
+                len_before=[10, 10, 10, 10], len_after=[10, 12, 30, 9], length_tolerance=0.2)
+  std = np.std([0.0, 1.0, 2.0, 1.0], ddof=1)
+  assert got["score_before"] == 1.0 and got["score_after"] == 1.5 and got["gain"] == 0.5
+  assert got["gain_in_std"] == pytest.approx(0.5 / std)
+  assert got["win_rate"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)  # a tie counts half
+  # 10 vs 30 characters is not matched; the others are (12 - 10 <= 0.2 * 12).
+  assert got["matched_pairs"] == 3 and got["gain_matched"] == pytest.approx((1 + 0 - 1) / 3)
+  assert got["length_before"] == 10 and got["length_after"] == pytest.approx(61 / 4)
+
+
+def test_a_reward_model_scores_the_dpo_policy_above_its_reference(learned, tmp_path, capsys):
+  """`scripts/score_answers`: a reward model trained on the same polite-vs-rude pairs scores the
+  DPO policy's greedy answers to the held-out prompts above its reference's (the base the run
+  started from), on average and on most prompts."""
+  from configs.reward import get_config
+  from research.stages import reward
+  from scripts.score_answers import main, score_answers
+  _, tmp = learned
+  c = get_config("test")
+  c.init = str(tmp / "run" / "base")
+  c.data.update(path=str(tmp / "prefs.jsonl"), eval_count=24)
+  c.train.update(steps=20, eval_every=0)
+  reward.run(c, str(tmp_path / "rm"))
+  summary, rows = score_answers(str(tmp / "run"), str(tmp_path / "rm"),
+                                reference=str(tmp / "run" / "base"), max_new_tokens=12)
+  assert summary["prompts"] == len(rows) == 24
+  assert summary["gain"] > 0 and summary["win_rate"] > 0.5, summary
+  assert any("Gladly" in r["after"] for r in rows), rows[:3]
+  # The run built its own base (init=''): the reference must be named.
+  assert main(["--workdir", str(tmp / "run"), "--reward_model", str(tmp_path / "rm")]) == 2
+  assert "name the reference weights (--reference=DIR)" in capsys.readouterr().err

@@ -247,9 +247,10 @@ def test_policy_kl_sums_match_a_hand_computation():
   assert got["mean_length"] == 2.5
 
 
-def test_policy_kl_of_a_run(grpo_straight):
+def test_policy_kl_of_a_run(grpo_straight, capsys):
   """`scripts/policy_kl`: the trained policy against itself is exactly 0; against its start (the
-  run's init) it is positive, as the step's own `kl` was; a non-GRPO workdir is refused."""
+  run's init) it is positive, as the step's own `kl` was; a directory without a run's config is
+  refused in one line."""
   from scripts.policy_kl import held_out_kl, main
   _, root = grpo_straight
   run = str(root / "straight")
@@ -258,5 +259,5 @@ def test_policy_kl_of_a_run(grpo_straight):
   moved = held_out_kl(run, 12, samples=2)
   assert moved["reference"] == str(root / "base") and moved["prompts"] == 16
   assert moved["kl"] > 1e-3 and moved["kl_sequence"] > 0 and 0 <= moved["accuracy"] <= 1, moved
-  with pytest.raises(SystemExit, match="has no config.json"):
-    main(["--workdir", str(root / "base")])
+  assert main(["--workdir", str(root / "base")]) == 2
+  assert "has no config.json; pass the --workdir of a GRPO or DPO run" in capsys.readouterr().err
