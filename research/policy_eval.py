@@ -29,6 +29,7 @@ from research.parallel.mesh import make_mesh
 from research.parallel.rules import DEFAULT_RULES
 from research.sampling import SamplingConfig, generate_tokens, left_pad
 from research.train import workdir as wd
+from research.train.metrics import CONFIG_FILE
 
 STAGES = ("grpo", "dpo")
 
@@ -51,9 +52,9 @@ class PolicyRun:
 
 
 def read_run_config(workdir: str) -> ConfigDict:
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise ConfigError(f"{workdir} has no config.json; pass the --workdir of a "
+    raise ConfigError(f"{workdir} has no {CONFIG_FILE}; pass the --workdir of a "
                       f"{' or '.join(s.upper() for s in STAGES)} run")
   with open(path, encoding="utf-8") as f:
     config = ConfigDict(json.load(f))
@@ -120,3 +121,18 @@ def generate_rows(model: Model, ids: Sequence[Sequence[int]], sampling: Sampling
                                     cfg=model.cfg, sampling=sampling, pad_id=pad_id,
                                     peft=model.peft)
     yield lo, n, t, g, np.asarray(resp), np.asarray(lengths)
+
+
+def decode(tokenizer: Any, resp: np.ndarray, lengths: np.ndarray, n: int) -> list[str]:
+  """The texts of the first `n` rows of a `generate_rows` batch, each cut at its length."""
+  return tokenizer.batch_decode([r[:k].tolist() for r, k in zip(resp[:n], lengths[:n])],
+                                skip_special_tokens=True)
+
+
+def report(result: dict[str, Any], json_path: str = "") -> None:
+  """One line `key=value ...` (floats to 4 places) on stdout; the dict as JSON at `json_path`."""
+  print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                 for k, v in result.items()), flush=True)
+  if json_path:
+    with open(json_path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)

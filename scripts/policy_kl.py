@@ -20,7 +20,6 @@ A run trained with beta = 0 logs no KL (it holds no reference); this gives it on
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -81,8 +80,7 @@ def held_out_kl(workdir: str, step: int | None = None, samples: int = 4,
                                                    ref_logp(ref.params, seq, seg, resp), mask)))
     totals = {k: totals.get(k, 0.0) + v for k, v in batch.items()}
     if with_answers:
-      texts = run.tokenizer.batch_decode([r[:k].tolist() for r, k in zip(resp[:n], lengths[:n])],
-                                         skip_special_tokens=True)
+      texts = policy_eval.decode(run.tokenizer, resp, lengths, n)
       correct += sum(arithmetic.is_correct(c, held_out[rows[lo + i]]["answer"],
                                            run.config.reward.tag) for i, c in enumerate(texts))
   out: dict[str, Any] = {"workdir": workdir, "step": step, "reference": ref.source,
@@ -105,18 +103,16 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.samples < 1:
     parser.error(f"--samples={args.samples} must be at least 1")
-  from research.errors import UserError  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from research.errors import UserError
+  from research.policy_eval import report
   try:
     result = held_out_kl(args.workdir, args.step, args.samples, args.reference, args.batch_size,
                          args.seed)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in result.items()), flush=True)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
+  report(result, args.json)
   return 0
 
 

@@ -71,9 +71,7 @@ def score_answers(workdir: str, reward_model: str, step: int | None = None, refe
     out = []
     for _, n, _, _, resp, lengths in policy_eval.generate_rows(model, ids, greedy,
                                                                tok.pad_token_id, batch_size):
-      texts = tok.batch_decode([r[:k].tolist() for r, k in zip(resp[:n], lengths[:n])],
-                               skip_special_tokens=True)
-      out.extend(cut_at(t, stop_text) for t in texts)
+      out.extend(cut_at(t, stop_text) for t in policy_eval.decode(tok, resp, lengths, n))
     return out
 
   before, after = answers(run.reference), answers(run.policy)
@@ -103,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--answers", default="", help="write every prompt's answers and scores "
                       "to this jsonl file")
   args = parser.parse_args(argv)
-  from research.errors import UserError  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from research.errors import UserError
+  from research.policy_eval import report
   try:
     summary, rows = score_answers(args.workdir, args.reward_model, args.step, args.reference,
                                   args.max_new_tokens, args.stop_text, args.length_tolerance,
@@ -111,11 +111,7 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in summary.items()), flush=True)
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+  report(summary, args.json)
   if args.answers:
     with open(args.answers, "w", encoding="utf-8") as f:
       for row in rows:
