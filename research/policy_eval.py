@@ -2,10 +2,10 @@
 `scripts/policy_kl.py` (KL to the reference) and `scripts/score_answers.py` (a reward model
 scoring both models' answers) share.
 
-The run's own config.json names the held-out prompts (GRPO: the task's held-out problems; DPO: the
-held-out records of its preference data, split as the run split them) and, for GRPO, its sampling
-settings. The reference is what the run measured itself against: the base with the adapter off for
-a LoRA run, else the run's `init`, or any workdir / Hugging Face directory given explicitly.
+The run's own config.json names the held-out prompts (GRPO: the task's held-out problems; DPO and
+PPO: the held-out records of its preference data, split as the run split them) and, for GRPO, its
+sampling settings. The reference is what the run measured itself against: the base with the adapter
+off for a LoRA run, else the run's `init`, or any workdir / Hugging Face directory given explicitly.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from research.sampling import SamplingConfig, generate_tokens, left_pad
 from research.train import workdir as wd
 from research.train.metrics import CONFIG_FILE
 
-STAGES = ("grpo", "dpo")
+STAGES = ("grpo", "dpo", "ppo")
 
 
 @dataclasses.dataclass

@@ -5,11 +5,11 @@ run's held-out prompts: did training make the answers better by the reward model
       [--step=N] [--reference=DIR] [--max_new_tokens=64] [--json=F] [--answers=F.jsonl]
 
 The policy (after) and its reference (before: for a LoRA run the base with the adapter off, else
-the run's `init` or --reference) answer every held-out prompt of the run (a GRPO or DPO workdir)
-greedily, up to --max_new_tokens, each stopping at its EOS; an answer is then cut at the first
---stop_text (default hh-rlhf's "\\n\\nHuman:", where a model that goes on with the dialogue starts
-the next human turn). The reward model (a reward-stage workdir, with its own tokenizer) scores
-prompt + answer. Printed, per side: the mean score and mean answer length (characters); then
+the run's `init` or --reference) answer every held-out prompt of the run (a GRPO, DPO or PPO
+workdir) greedily, up to --max_new_tokens, each stopping at its EOS; an answer is then cut at the
+first --stop_text (default hh-rlhf's "\\n\\nHuman:", where a model that goes on with the dialogue
+starts the next human turn). The reward model (a reward-stage workdir, with its own tokenizer)
+scores prompt + answer. Printed, per side: the mean score and mean answer length (characters); then
 the mean gain in units of the reference scores' standard deviation, how often the policy's answer
 scores higher (ties count half), and the gain among the prompts whose two answers are within
 --length_tolerance of each other in length, so a gain that only comes from longer or shorter
@@ -89,7 +89,7 @@ def score_answers(workdir: str, reward_model: str, step: int | None = None, refe
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True, help="the policy's run (GRPO or DPO)")
+  parser.add_argument("--workdir", required=True, help="the policy's run (GRPO, DPO or PPO)")
   parser.add_argument("--reward_model", required=True, help="a reward-stage workdir")
   parser.add_argument("--step", type=int, default=None, help="a checkpoint step (default newest)")
   parser.add_argument("--reference", default="", help="reference weights (default: see above)")

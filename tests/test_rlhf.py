@@ -201,3 +201,18 @@ def _check_sequence_classifier_export(tmp_path, pairs_paths):
     with torch.no_grad():
       theirs = model(input_ids=tokens, attention_mask=mask).logits[:, 0].numpy()
     np.testing.assert_allclose(theirs.reshape(ours.shape), ours, atol=1e-4, err_msg=str(pairs_path))
+
+
+def test_ppo_workdir_loads_its_trained_policy(ppo_straight):
+  """A PPO checkpoint holds policy, value model and reference; loading the workdir (what convert.py
+  to-hf, generate.py and score_answers.py do) gives the trained policy exactly, not its start."""
+  from research.train import workdir as wd
+  out, workdir = ppo_straight
+  cfg, peft, params, tok_dir, _ = wd.load_run(str(workdir))
+  assert peft.method == "none" and tok_dir
+  trained = jax.device_get(out["state"].params["policy"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), trained)
+  _, start, _, _ = wd.load_model(str(workdir / "base"))
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                       jax.device_get(start), trained))
+  assert max(moved) > 0, "the loaded policy equals the base: PPO did not train it"

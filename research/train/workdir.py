@@ -26,12 +26,16 @@ from research.models.peft import NO_PEFT, PeftConfig, merge_lora, split_trainabl
 from research.parallel.mesh import make_mesh
 from research.parallel.rules import DEFAULT_RULES, Rules, logical_axes_of, shardings_for
 from research.train.checkpoints import Checkpointer, UnrestorableCheckpoint
+from research.train.metrics import CONFIG_FILE
 
 MODEL_CONFIG = "model_config.json"
 PEFT_CONFIG = "peft_config.json"
 HEAD_CONFIG = "head.json"  # {"head": "score"} for a reward model
 TOKENIZER_DIR = "tokenizer"
 CHECKPOINT_DIR = "checkpoints"
+# Stages whose train state holds several models (policy, value, reference, reward): the key, in
+# each state field, of the model that model_config.json describes.
+MODEL_KEY = {"ppo": "policy"}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -95,6 +99,16 @@ def read_head(workdir: str) -> str | None:
     return json.load(f)["head"]
 
 
+def model_key(workdir: str) -> str | None:
+  """Where the run's model sits in its checkpointed state (MODEL_KEY by the run's stage), or None
+  when the state's params are the model itself."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      return MODEL_KEY.get(json.load(f).get("stage"))
+  except (OSError, ValueError, AttributeError):
+    return None  # a workdir from convert.py from-hf has no run config: its params are the model
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
                     peft: PeftConfig = NO_PEFT, head: str | None = None):
   """(abstract params with shardings, shardings) of a decoder (+ head), from shapes only."""
@@ -120,7 +134,7 @@ def _merge_trees(a: Any, b: Any) -> Any:
 
 
 def _lora_rank_mismatch(workdir: str, ckpt: Checkpointer, step: int | None, trainable: Any,
-                        peft: PeftConfig) -> str | None:
+                        peft: PeftConfig, key: str | None = None) -> str | None:
   """Why a LoRA run failed to restore, when the cause is a rank other than peft_config.json's.
 
   Orbax's own message gives shapes but not which param; this names the param and both ranks.
@@ -133,6 +147,7 @@ def _lora_rank_mismatch(workdir: str, ckpt: Checkpointer, step: int | None, trai
     meta = ocp.PyTreeCheckpointer().metadata(os.path.join(ckpt.directory, str(step), "state"))
     meta = getattr(meta, "item_metadata", meta)
     saved = getattr(meta, "tree", meta)["params"]
+    saved = saved[key] if key else saved
   except Exception:  # pylint: disable=broad-except
     return None  # unreadable metadata: the restore error stands as it is
   for path, want in jax.tree_util.tree_flatten_with_path(trainable)[0]:
@@ -161,6 +176,9 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
   abstract, _ = param_shardings(cfg, mesh, rules, peft, read_head(workdir))
   trainable, frozen = split_trainable(abstract, peft)
   fields = {"params": trainable} if not frozen else {"params": trainable, "frozen": frozen}
+  key = model_key(workdir)
+  if key:  # only that model's leaves are read (partial restore)
+    fields = {name: {key: tree} for name, tree in fields.items()}
   ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=1_000_000, async_save=False)
 
   def read(s: int):
@@ -170,7 +188,7 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
     except UnrestorableCheckpoint:
       raise
     except CheckpointError as e:
-      message = _lora_rank_mismatch(workdir, ckpt, s, trainable, peft)
+      message = _lora_rank_mismatch(workdir, ckpt, s, trainable, peft, key)
       if message is None:
         raise
       raise CheckpointError(message) from e
@@ -179,6 +197,8 @@ def load_run(workdir: str, step: int | None = None, mesh: Mesh | None = None,
     _, (extra, restored) = ckpt.restore_newest(read, step)
   finally:
     ckpt.close()
+  if key:
+    restored = {name: tree[key] for name, tree in restored.items()}
   params = _merge_trees(restored.get("frozen", {}), restored["params"])
   return cfg, peft, params, tokenizer_dir(workdir), extra
 
