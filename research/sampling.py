@@ -1,7 +1,7 @@
 """Batched decoding with a preallocated KV cache in one compiled loop (no host round trip per token).
 
-Greedy, temperature, top-k and top-p sampling; a set of stop tokens, each row stopping on its own;
-left-padded prompts of different lengths.
+Greedy, temperature, top-k and top-p sampling, an optional repetition penalty; a set of stop
+tokens, each row stopping on its own; left-padded prompts of different lengths.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ class SamplingConfig:
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1 = off
   stop_tokens: tuple[int, ...] = ()
+  # transformers' `repetition_penalty` (CTRL): the logit of every token already in the row (prompt
+  # or generated; padding excluded) is divided by it where positive, multiplied where negative,
+  # before temperature and filtering. 1 = off. For generation only: the RL stages sample from the
+  # policy's own distribution, whose log-probs they train on.
+  repetition_penalty: float = 1.0
   # Print "decoded i/N tokens" to stderr every this many tokens (0: never). One host callback per
   # print, none in between: for long generations that would otherwise be silent until they end.
   progress_every: int = 0
@@ -103,6 +108,13 @@ def filter_logits(logits_bv: jax.Array, temperature: float, top_k: int, top_p: f
   return logits_bv
 
 
+def penalize_repeats(logits_bv: jax.Array, seen_bv: jax.Array, penalty: float) -> jax.Array:
+  """transformers' RepetitionPenaltyLogitsProcessor: `seen_bv` marks each row's tokens so far."""
+  logits_bv = logits_bv.astype(jnp.float32)
+  hit_bv = jnp.where(logits_bv > 0, logits_bv / penalty, logits_bv * penalty)
+  return jnp.where(seen_bv, hit_bv, logits_bv)
+
+
 def _choose(logits_bv, rng, s: SamplingConfig):
   if s.temperature == 0.0:
     return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -156,22 +168,32 @@ def _generate_tokens(params: Any, tokens_bp: jax.Array, segments_bp: jax.Array, 
                                      cache=cache, prefill=True)
   stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
 
+  penalty = sampling.repetition_penalty
+  rows_b = jnp.arange(b)
+
   def emit(state, logits_bv, rng):
-    out_bn, done_b, length_b, i = state
+    out_bn, done_b, length_b, i, seen_bv = state
+    if penalty != 1.0:
+      logits_bv = penalize_repeats(logits_bv, seen_bv, penalty)
     tok_b = _choose(logits_bv, rng, sampling)
     tok_b = jnp.where(done_b, pad_id, tok_b)
     out_bn = jax.lax.dynamic_update_slice(out_bn, tok_b[:, None], (0, i))
     length_b = length_b + (~done_b).astype(jnp.int32)
+    if penalty != 1.0:
+      seen_bv = seen_bv.at[rows_b, tok_b].set(True)
     done_b = done_b | jnp.isin(tok_b, stops)
-    return (out_bn, done_b, length_b, i + 1), tok_b
+    return (out_bn, done_b, length_b, i + 1, seen_bv), tok_b
 
+  # The tokens each row holds, for the repetition penalty (an empty leaf when it is off).
+  seen_bv = (jnp.zeros((b, logits_btv.shape[-1]), bool).at[rows_b[:, None], tokens_bp]
+             .max(segments_bp > 0) if penalty != 1.0 else jnp.zeros((b, 0), bool))
   state = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
-           jnp.int32(0))
+           jnp.int32(0), seen_bv)
   state, tok_b = emit(state, logits_btv[:, -1], jax.random.fold_in(rng, 0))
   pos_b = positions_bp[:, -1] + 1  # the model shifts real positions past virtual tokens itself
 
   def cond(carry):
-    (_, done_b, _, i), _, _, _ = carry
+    (_, done_b, _, i, _), _, _, _ = carry
     return (i < n) & ~jnp.all(done_b)
 
   def body(carry):

@@ -2,10 +2,11 @@
 
   python scripts/generate.py --checkpoint=WORKDIR_OR_HF_DIR --prompt="def " [--prompt=...]
       [--prompts_file=F.txt|F.jsonl] [--max_new_tokens=64] [--temperature=0] [--top_p=1]
-      [--top_k=0] [--seed=0] [--step=N] [--stop=STR_OR_ID ...] [--tokenizer=DIR]
+      [--top_k=0] [--repetition_penalty=1] [--seed=0] [--step=N] [--stop=STR_OR_ID ...] [--tokenizer=DIR]
       [--batch_size=8] [--format=text|jsonl] [--no-add_special_tokens] [--chat [--system=TEXT]]
 
---temperature=0 decodes greedily. EOS (the model's and the tokenizer's; a Hugging Face dir's
+--temperature=0 decodes greedily; --repetition_penalty is transformers' (applied before
+temperature and filtering). EOS (the model's and the tokenizer's; a Hugging Face dir's
 generation_config.json ids too) always stops a row; --stop adds token ids (an integer) or strings
 (backslash escapes such as '\\n' are read; a string the generated text is cut before). Runs trained
 with LoRA have it merged; prompt tuning and adapters decode with their PEFT modules. A prompts file
@@ -196,7 +197,8 @@ def _left_padded(chunk: Sequence[Sequence[int]], rows: int, pad_id: int):
 def complete(params: Any, cfg, peft, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float, top_k: int, top_p: float, seed: int, stop_ids: set[int],
              stop_strings: Sequence[str], batch_size: int,
-             add_special_tokens: bool = True) -> list[Completion]:
+             add_special_tokens: bool = True, repetition_penalty: float = 1.0
+             ) -> list[Completion]:
   """Continuations of `prompts`, `batch_size` at a time, each cut at its first stop."""
   import jax
   import numpy as np
@@ -212,6 +214,7 @@ def complete(params: Any, cfg, peft, tokenizer, prompts: Sequence[str], *, max_n
       early.add(ids[0])
   sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, stop_tokens=tuple(sorted(early)),
+                            repetition_penalty=repetition_penalty,
                             progress_every=PROGRESS_EVERY if max_new_tokens >= LONG else 0)
   empty = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
   encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] or [empty]
@@ -269,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
   add("temperature", type=float, default=0.0, help="0 = greedy")
   add("top_p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
   add("top_k", type=int, default=0, help="0 = off")
+  add("repetition_penalty", type=float, default=1.0,
+      help="transformers' repetition_penalty: logits of tokens already in the text are divided "
+           "by it (multiplied where negative); 1 = off, 1.1-1.3 curbs loops")
   add("seed", type=int, default=0)
   add("step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
   add("stop", action="append", default=[],
@@ -293,6 +299,8 @@ def check_args(args: argparse.Namespace) -> None:
     raise ConfigError(f"--top_p={args.top_p} must lie in (0, 1]")
   if args.top_k < 0:
     raise ConfigError(f"--top_k={args.top_k} must be >= 0 (0 = off)")
+  if args.repetition_penalty <= 0:
+    raise ConfigError(f"--repetition_penalty={args.repetition_penalty} must be > 0 (1 = off)")
   if args.batch_size < 1:
     raise ConfigError(f"--batch_size={args.batch_size} must be at least 1")
   if args.system is not None and not args.chat:
@@ -346,7 +354,8 @@ def run(args: argparse.Namespace) -> list[Completion]:
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                          seed=args.seed, stop_ids=stop_ids | eos, stop_strings=stop_strings,
                          batch_size=args.batch_size,
-                         add_special_tokens=args.add_special_tokens and not args.chat)
+                         add_special_tokens=args.add_special_tokens and not args.chat,
+                         repetition_penalty=args.repetition_penalty)
   completions = [dataclasses.replace(c, prompt=p) for c, p in zip(completions, prompts)]
   seconds = time.perf_counter() - start
   tokens = sum(len(c.tokens) for c in completions)

@@ -162,3 +162,33 @@ def test_peft_run_directory(hf_dir, hf_params, hf_greedy, tmp_path, capsys, peft
   (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert record["tokens"] == [t for t in want if t != eos]
   assert record["text"] == tokenizer.decode(record["tokens"])
+
+
+def test_repetition_penalty_equals_transformers(hf_dir, hf_params, hf_greedy):
+  """--repetition_penalty=1.5, greedy, both prompts in one left-padded batch: the tokens are
+  transformers' `generate(repetition_penalty=1.5)` one prompt at a time (prompt tokens count as
+  seen, padding does not), and they differ from plain greedy decoding."""
+  tokenizer = tokenizer_lib.load_tokenizer(str(hf_dir))
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  want = []
+  for prompt in PROMPTS:
+    enc = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+      seq = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS,
+                           repetition_penalty=1.5, eos_token_id=None,
+                           pad_token_id=tokenizer.pad_token_id)
+    want.append(seq[0, enc.input_ids.shape[1]:].tolist())
+  cfg, params = hf_params
+  got = generate_cli.complete(params, cfg, PeftConfig(), tokenizer, PROMPTS,
+                              max_new_tokens=NEW_TOKENS, temperature=0.0, top_k=0, top_p=1.0,
+                              seed=0, stop_ids=set(), stop_strings=(), batch_size=2,
+                              repetition_penalty=1.5)
+  assert [c.tokens for c in got] == want
+  assert want[1] != hf_greedy[1]  # the penalty changes what greedy decoding picks
+
+
+def test_nonpositive_repetition_penalty_is_refused(tmp_path, capsys):
+  assert generate_cli.main([f"--checkpoint={tmp_path}", "--prompt=x",
+                            "--repetition_penalty=0"]) == 2
+  err = capsys.readouterr().err
+  assert "--repetition_penalty=0.0 must be > 0" in err and "Traceback" not in err
