@@ -203,10 +203,14 @@ def _check_sequence_classifier_export(tmp_path, pairs_paths):
     np.testing.assert_allclose(theirs.reshape(ours.shape), ours, atol=1e-4, err_msg=str(pairs_path))
 
 
-def test_ppo_workdir_loads_its_trained_policy(ppo_straight):
-  """A PPO checkpoint holds policy, value model and reference; loading the workdir (what convert.py
-  to-hf, generate.py and score_answers.py do) gives the trained policy exactly, not its start."""
+def test_ppo_workdir_exports_its_trained_policy(ppo_straight, tmp_path):
+  """A PPO checkpoint holds policy, value model and reference; the workdir loads as its trained
+  policy, exactly (what generate.py and score_answers.py read), and `convert.py to-hf` hands that
+  policy to transformers: its logits equal ours."""
+  import torch
+  import transformers
   from research.train import workdir as wd
+  from scripts import convert
   out, workdir = ppo_straight
   cfg, peft, params, tok_dir, _ = wd.load_run(str(workdir))
   assert peft.method == "none" and tok_dir
@@ -216,3 +220,10 @@ def test_ppo_workdir_loads_its_trained_policy(ppo_straight):
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
                                        jax.device_get(start), trained))
   assert max(moved) > 0, "the loaded policy equals the base: PPO did not train it"
+  assert convert.main(["to-hf", str(workdir), str(tmp_path / "hf")]) == 0
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+  ids = np.arange(3, 15, dtype=np.int32)[None] % cfg.vocab_size
+  ours = Decoder(cfg).apply({"params": params}, jnp.asarray(ids), jnp.ones_like(ids))[0]
+  with torch.no_grad():
+    theirs = hf(torch.from_numpy(ids).long()).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
