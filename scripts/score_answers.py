@@ -2,12 +2,14 @@
 run's held-out prompts: did training make the answers better by the reward model's lights?
 
   python -m scripts.score_answers --workdir=runs/dpo --reward_model=runs/rm \
-      [--step=N] [--reference=DIR] [--max_new_tokens=64] [--json=F] [--answers=F.jsonl]
+      [--step=N] [--reference=DIR] [--max_new_tokens=64] [--temperature=0 [--samples=1]]
+      [--json=F] [--answers=F.jsonl]
 
 The policy (after) and its reference (before: for a LoRA run the base with the adapter off, else
 the run's `init` or --reference) answer every held-out prompt of the run (a GRPO, DPO or PPO
-workdir) greedily, up to --max_new_tokens, each stopping at its EOS; an answer is then cut at the
-first --stop_text (default hh-rlhf's "\\n\\nHuman:", where a model that goes on with the dialogue
+workdir) greedily (or --samples times each, sampled at --temperature, both sides with the same
+seeds), up to --max_new_tokens, each stopping at its EOS; an answer is then cut at the first
+--stop_text (default hh-rlhf's "\\n\\nHuman:", where a model that goes on with the dialogue
 starts the next human turn). The reward model (a reward-stage workdir, with its own tokenizer)
 scores prompt + answer. Printed, per side: the mean score and mean answer length (characters); then
 the mean gain in units of the reference scores' standard deviation, how often the policy's answer
@@ -52,24 +54,30 @@ def compare(before: Sequence[float], after: Sequence[float], len_before: Sequenc
 
 def score_answers(workdir: str, reward_model: str, step: int | None = None, reference: str = "",
                   max_new_tokens: int = 64, stop_text: str = "\n\nHuman:",
-                  length_tolerance: float = 0.2, batch_size: int = 16
-                  ) -> tuple[dict[str, Any], list[dict]]:
+                  length_tolerance: float = 0.2, batch_size: int = 16, temperature: float = 0.0,
+                  samples: int = 1) -> tuple[dict[str, Any], list[dict]]:
   """(the summary of `compare` with the run's names, one record per prompt)."""
   # pylint: disable=import-outside-toplevel
   from research import policy_eval
   from research.parallel.rules import DEFAULT_RULES
   from research.sampling import SamplingConfig
+  from research.errors import ConfigError
   from research.stages.grpo import reward_model_function
 
+  if temperature < 0 or samples < 1 or (samples > 1 and temperature == 0):
+    raise ConfigError(f"--temperature={temperature} --samples={samples}: the temperature must be "
+                      ">= 0 (0: greedy), and several samples per prompt need a temperature > 0")
   run = policy_eval.load_policy_run(workdir, step, reference)
   ids, records = policy_eval.held_out_prompts(run.config, run.tokenizer)
+  ids, records = ids * samples, records * samples  # every copy is its own draw
   prompts = [r["prompt"] for r in records]
   tok = run.tokenizer
-  greedy = SamplingConfig(max_new_tokens=max_new_tokens, stop_tokens=(tok.eos_token_id,))
+  decoding = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                            stop_tokens=(tok.eos_token_id,))
 
   def answers(model) -> list[str]:
     out = []
-    for _, n, _, _, resp, lengths in policy_eval.generate_rows(model, ids, greedy,
+    for _, n, _, _, resp, lengths in policy_eval.generate_rows(model, ids, decoding,
                                                                tok.pad_token_id, batch_size):
       out.extend(cut_at(t, stop_text) for t in policy_eval.decode(tok, resp, lengths, n))
     return out
@@ -79,7 +87,8 @@ def score_answers(workdir: str, reward_model: str, step: int | None = None, refe
   s_before = rm(prompts, before, records)
   s_after = rm(prompts, after, records)
   summary = {"workdir": workdir, "step": step, "reference": run.reference.source,
-             "reward_model": reward_model, "prompts": len(prompts),
+             "reward_model": reward_model, "prompts": len(prompts) // samples,
+             "temperature": temperature, "samples": samples,
              **compare(s_before, s_after, [len(x) for x in before], [len(x) for x in after],
                        length_tolerance)}
   rows = [{"prompt": p, "before": b, "after": a, "score_before": sb, "score_after": sa}
@@ -94,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--step", type=int, default=None, help="a checkpoint step (default newest)")
   parser.add_argument("--reference", default="", help="reference weights (default: see above)")
   parser.add_argument("--max_new_tokens", type=int, default=64)
+  parser.add_argument("--temperature", type=float, default=0.0,
+                      help="0: greedy answers; else sampled (both models with the same seeds)")
+  parser.add_argument("--samples", type=int, default=1, help="answers per prompt (sampled)")
   parser.add_argument("--stop_text", default="\n\nHuman:")
   parser.add_argument("--length_tolerance", type=float, default=0.2)
   parser.add_argument("--batch_size", type=int, default=16)
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     summary, rows = score_answers(args.workdir, args.reward_model, args.step, args.reference,
                                   args.max_new_tokens, args.stop_text, args.length_tolerance,
-                                  args.batch_size)
+                                  args.batch_size, args.temperature, args.samples)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -208,6 +208,17 @@ def test_a_reward_model_scores_the_dpo_policy_above_its_reference(learned, tmp_p
   assert summary["prompts"] == len(rows) == 24
   assert summary["gain"] > 0 and summary["win_rate"] > 0.5, summary
   assert any("Gladly" in r["after"] for r in rows), rows[:3]
+  # Sampled, two answers per prompt, each its own draw; the trained preference still shows.
+  sampled, rows2 = score_answers(str(tmp / "run"), str(tmp_path / "rm"),
+                                 reference=str(tmp / "run" / "base"), max_new_tokens=12,
+                                 temperature=1.0, samples=2)
+  assert sampled["prompts"] == 24 and len(rows2) == 48 and sampled["samples"] == 2
+  assert [r["prompt"] for r in rows2[:24]] == [r["prompt"] for r in rows2[24:]]
+  assert [r["after"] for r in rows2[:24]] != [r["after"] for r in rows2[24:]]
+  assert sampled["gain"] > 0, sampled
+  assert main(["--workdir", str(tmp / "run"), "--reward_model", str(tmp_path / "rm"),
+               "--samples=2"]) == 2
+  assert "several samples per prompt need a temperature > 0" in capsys.readouterr().err
   # The run built its own base (init=''): the reference must be named.
   assert main(["--workdir", str(tmp / "run"), "--reward_model", str(tmp_path / "rm")]) == 2
   assert "name the reference weights (--reference=DIR)" in capsys.readouterr().err
