@@ -70,9 +70,9 @@ def _hh_rlhf_smollm2(c: ConfigDict) -> None:
   c.sampling.max_new_tokens = 32
   c.ppo.update(epochs=2, minibatches=2)
   c.optimizer.lr = 1e-4
-  # Sized for 2 CPU cores: a step (8 rollouts of 32 tokens, 2 epochs x 2 minibatches) took
-  # 105-145 s with the cores shared by other jobs (load 5-7).
-  c.train.update(steps=12, global_batch=8, eval_every=6, checkpoint_every=6)
+  # Sized for 2 CPU cores: a step (8 rollouts of 32 tokens, 2 epochs x 2 minibatches) takes
+  # about 30 s on quiet cores, 48 steps with their evals about 31 minutes.
+  c.train.update(steps=48, global_batch=8, eval_every=6, checkpoint_every=12)
 
 
 def _wordlist(c: ConfigDict) -> None:
