@@ -32,6 +32,7 @@ from research.train import workdir as wd
 from research.train.metrics import CONFIG_FILE
 
 STAGES = ("grpo", "dpo", "ppo")
+STAGE_NAMES = "GRPO, DPO or PPO"
 
 
 @dataclasses.dataclass
@@ -55,12 +56,12 @@ def read_run_config(workdir: str) -> ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise ConfigError(f"{workdir} has no {CONFIG_FILE}; pass the --workdir of a "
-                      f"{' or '.join(s.upper() for s in STAGES)} run")
+                      f"{STAGE_NAMES} run")
   with open(path, encoding="utf-8") as f:
     config = ConfigDict(json.load(f))
   if config.get("stage") not in STAGES:
     raise ConfigError(f"{workdir} is a {config.get('stage')!r} run; this reads "
-                      f"{' and '.join(s.upper() for s in STAGES)} runs, whose configs name "
+                      f"{STAGE_NAMES} runs, whose configs name "
                       "held-out prompts")
   return config
 
