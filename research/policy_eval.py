@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -29,7 +28,7 @@ from research.parallel.mesh import make_mesh
 from research.parallel.rules import DEFAULT_RULES
 from research.sampling import SamplingConfig, generate_tokens, left_pad
 from research.train import workdir as wd
-from research.train.metrics import CONFIG_FILE
+from research.train.metrics import CONFIG_FILE, read_config
 
 STAGES = ("grpo", "dpo", "ppo")
 STAGE_NAMES = "GRPO, DPO or PPO"
@@ -53,12 +52,11 @@ class PolicyRun:
 
 
 def read_run_config(workdir: str) -> ConfigDict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  saved = read_config(workdir)
+  if saved is None:
     raise ConfigError(f"{workdir} has no {CONFIG_FILE}; pass the --workdir of a "
                       f"{STAGE_NAMES} run")
-  with open(path, encoding="utf-8") as f:
-    config = ConfigDict(json.load(f))
+  config = ConfigDict(saved)
   if config.get("stage") not in STAGES:
     raise ConfigError(f"{workdir} is a {config.get('stage')!r} run; this reads "
                       f"{STAGE_NAMES} runs, whose configs name "

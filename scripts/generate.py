@@ -2,8 +2,9 @@
 
   python scripts/generate.py --checkpoint=WORKDIR_OR_HF_DIR --prompt="def " [--prompt=...]
       [--prompts_file=F.txt|F.jsonl] [--max_new_tokens=64] [--temperature=0] [--top_p=1]
-      [--top_k=0] [--repetition_penalty=1] [--seed=0] [--step=N] [--stop=STR_OR_ID ...] [--tokenizer=DIR]
-      [--batch_size=8] [--format=text|jsonl] [--no-add_special_tokens] [--chat [--system=TEXT]]
+      [--top_k=0] [--repetition_penalty=1] [--seed=0] [--step=N] [--stop=STR_OR_ID ...]
+      [--tokenizer=DIR] [--batch_size=8] [--format=text|jsonl] [--no-add_special_tokens]
+      [--chat [--system=TEXT]]
 
 --temperature=0 decodes greedily; --repetition_penalty is transformers' (applied before
 temperature and filtering). EOS (the model's and the tokenizer's; a Hugging Face dir's

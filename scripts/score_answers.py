@@ -59,9 +59,9 @@ def score_answers(workdir: str, reward_model: str, step: int | None = None, refe
   """(the summary of `compare` with the run's names, one record per prompt)."""
   # pylint: disable=import-outside-toplevel
   from research import policy_eval
+  from research.errors import ConfigError
   from research.parallel.rules import DEFAULT_RULES
   from research.sampling import SamplingConfig
-  from research.errors import ConfigError
   from research.stages.grpo import reward_model_function
 
   if temperature < 0 or samples < 1 or (samples > 1 and temperature == 0):

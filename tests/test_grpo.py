@@ -260,4 +260,5 @@ def test_policy_kl_of_a_run(grpo_straight, capsys):
   assert moved["reference"] == str(root / "base") and moved["prompts"] == 16
   assert moved["kl"] > 1e-3 and moved["kl_sequence"] > 0 and 0 <= moved["accuracy"] <= 1, moved
   assert main(["--workdir", str(root / "base")]) == 2
-  assert "has no config.json; pass the --workdir of a GRPO, DPO or PPO run" in capsys.readouterr().err
+  assert ("has no config.json; pass the --workdir of a GRPO, DPO or PPO run"
+          in capsys.readouterr().err)

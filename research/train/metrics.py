@@ -97,6 +97,15 @@ def save_config(workdir: str | os.PathLike, config_dict: Mapping[str, Any]) -> s
   return path
 
 
+def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """The run config `save_config` wrote in `workdir`, or None when there is none."""
+  path = os.path.join(os.fspath(workdir), CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   """Parses `<workdir>/metrics.jsonl` into one dict per line, in file order ([] if absent).
 

@@ -26,7 +26,7 @@ from research.models.peft import NO_PEFT, PeftConfig, merge_lora, split_trainabl
 from research.parallel.mesh import make_mesh
 from research.parallel.rules import DEFAULT_RULES, Rules, logical_axes_of, shardings_for
 from research.train.checkpoints import Checkpointer, UnrestorableCheckpoint
-from research.train.metrics import CONFIG_FILE
+from research.train.metrics import read_config
 
 MODEL_CONFIG = "model_config.json"
 PEFT_CONFIG = "peft_config.json"
@@ -103,10 +103,10 @@ def model_key(workdir: str) -> str | None:
   """Where the run's model sits in its checkpointed state (MODEL_KEY by the run's stage), or None
   when the state's params are the model itself."""
   try:
-    with open(os.path.join(workdir, CONFIG_FILE)) as f:
-      return MODEL_KEY.get(json.load(f).get("stage"))
-  except (OSError, ValueError, AttributeError):
-    return None  # a workdir from convert.py from-hf has no run config: its params are the model
+    config = read_config(workdir)  # convert.py from-hf writes none: its params are the model
+  except (OSError, ValueError):
+    return None
+  return MODEL_KEY.get(config.get("stage")) if isinstance(config, dict) else None
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
