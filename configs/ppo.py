@@ -31,7 +31,8 @@ def base_config() -> ConfigDict:
           words=("self", "return", "None", "if", "not", "in"),
       )),
       value=ConfigDict(dict(init="reward")),  # 'reward': RM weights + fresh head; 'policy'
-      data=ConfigDict(dict(path="", max_prompt_len=64, eval_count=16)),
+      # eval_draws: sampled responses per held-out prompt at each eval (one fixed key).
+      data=ConfigDict(dict(path="", max_prompt_len=64, eval_count=16, eval_draws=1)),
       sampling=ConfigDict(dict(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0,
                                stop_tokens=())),
       ppo=ConfigDict(dict(
@@ -94,7 +95,7 @@ def _test(c: ConfigDict) -> None:
   _wordlist(c)
   c.base = pretrain.get_config("test")
   c.base.train.update(steps=40, eval_every=0, checkpoint_every=40, sample_tokens=4)
-  c.data.update(max_prompt_len=8, eval_count=8)
+  c.data.update(max_prompt_len=8, eval_count=8, eval_draws=2)
   c.sampling.max_new_tokens = 8
   c.train.update(steps=20, global_batch=8, eval_every=10, log_every=5, checkpoint_every=10)
 

@@ -103,12 +103,20 @@ def test_ppo_raises_the_word_list_reward(ppo_straight):
   evals = {m["step"]: m for m in read_metrics(workdir) if "eval/score" in m}
   assert evals[20]["eval/score"] >= evals[0]["eval/score"] + 0.15, evals
   assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-4)  # the policy starts as the reference
+  assert all(m["eval/score_std"] > 0 for m in evals.values()), evals  # 2 draws of 8 prompts
   assert out["plot"] and (workdir / "ppo_curves.png").is_file()
   train = [m for m in read_metrics(workdir) if "train/objective/kl" in m]
   for key in ("objective/entropy", "objective/rlhf_reward", "policy/approxkl_avg",
               "policy/clipfrac_avg", "val/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
               "val/explained_variance", "response_length"):
     assert f"train/{key}" in train[-1], key
+
+
+def test_ppo_eval_needs_a_draw_per_prompt():
+  from research.errors import ConfigError
+  from research.stages.ppo import ppo_evaluator
+  with pytest.raises(ConfigError, match="data.eval_draws=0"):
+    ppo_evaluator({}, None, None, None, "", draws=0)
 
 
 def test_ppo_resumed_run_matches_the_uninterrupted_one(ppo_straight, tmp_path):

@@ -68,14 +68,22 @@ def settings_from(config: ConfigDict, tokenizer: Any) -> PPOSettings:
 
 
 def ppo_evaluator(rows: dict, models: PPOModels, settings: PPOSettings, tokenizer: Any,
-                  samples_path: str, num_samples: int = 2):
-  """Held-out prompts: mean score and KL of sampled responses (fixed seed); logs a few samples."""
+                  samples_path: str, num_samples: int = 2, draws: int = 1):
+  """Held-out prompts, each answered `draws` times (one fixed key, so every eval sees the same
+  noise): mean and std of the responses' scores, mean KL and length; logs a few samples."""
+  if draws < 1:
+    raise ConfigError(f"data.eval_draws={draws}: each held-out prompt needs at least one draw")
   def make(_, sharding):
     if not len(rows["prompt_tokens"]):
       return None
-    batch = host_slices([rows], sharding)[0]
-    run = jax.jit(lambda state: rollout(state, batch, jax.random.PRNGKey(1234), models,
-                                        settings))
+    tiled = {k: np.concatenate([v] * draws) for k, v in rows.items()}
+    batch = host_slices([tiled], sharding)[0]
+    def eval_rollout(state):
+      out = rollout(state, batch, jax.random.PRNGKey(1234), models, settings)
+      out["stats"]["score_std"] = jnp.std(out["scores_b"], ddof=1)
+      return out
+
+    run = jax.jit(eval_rollout)
     calls = [0]
 
     def evaluate(state) -> dict[str, float]:
@@ -91,6 +99,7 @@ def ppo_evaluator(rows: dict, models: PPOModels, settings: PPOSettings, tokenize
                     f"[[{tokenizer.decode(resp[i][:lengths[i]])}]]\n")
       calls[0] += 1
       return {"eval/score": float(stats["objective/scores"]),
+              "eval/score_std": float(stats["score_std"]),
               "eval/kl": float(stats["objective/kl"]),
               "eval/response_length": float(stats["response_length"])}
 
@@ -232,7 +241,8 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
                                                                      schedule),
       updates_per_step=settings.epochs * settings.minibatches,
       make_evaluator=ppo_evaluator(eval_rows, models, settings, tokenizer,
-                                   os.path.join(workdir, "samples.txt")),
+                                   os.path.join(workdir, "samples.txt"),
+                                   draws=config.data.eval_draws),
       meta={"model_config": policy_cfg.to_dict(), "peft_config": peft.to_dict()},
       lm_loss=False)
   state, last_eval = run_training(config, workdir, resume, spec, mesh=mesh, rules=rules)
