@@ -29,11 +29,12 @@ import numpy as np
 def kl_sums(logp_nr: np.ndarray, ref_logp_nr: np.ndarray, mask_nr: np.ndarray) -> dict[str, float]:
   """Sums over a batch's masked-in tokens, so batches add up: `tokens`, `k1`, `k3`, `sequences`.
   `k1 / sequences` is the mean over completions of their summed log-ratio."""
+  # pylint: disable=import-outside-toplevel
+  from research.objectives.ppo import kl_penalty  # the estimators the training steps log
   mask = np.asarray(mask_nr, np.float64)
-  logr = np.asarray(ref_logp_nr, np.float64) - np.asarray(logp_nr, np.float64)
-  return {"tokens": float(mask.sum()), "k1": float((-logr * mask).sum()),
-          "k3": float(((np.expm1(logr) - logr) * mask).sum()),
-          "sequences": float(len(mask))}
+  k1, k3 = (np.asarray(kl_penalty(logp_nr, ref_logp_nr, kind), np.float64) for kind in ("k1", "k3"))
+  return {"tokens": float(mask.sum()), "k1": float((k1 * mask).sum()),
+          "k3": float((k3 * mask).sum()), "sequences": float(len(mask))}
 
 
 def summarize(sums: dict[str, float]) -> dict[str, float]:

@@ -241,9 +241,10 @@ def test_policy_kl_sums_match_a_hand_computation():
         np.log(0.3 / 0.6)]
   k3 = [np.exp(-x) - 1 + x for x in k1]  # r = p_ref / p = exp(-k1); k3 = r - 1 - log r
   got = summarize(kl_sums(logp, ref, mask))
-  np.testing.assert_allclose(got["kl_k1"], np.mean(k1), rtol=1e-12)
-  np.testing.assert_allclose(got["kl"], np.mean(k3), rtol=1e-12)
-  np.testing.assert_allclose(got["kl_sequence"], np.sum(k1) / 2, rtol=1e-12)
+  # float32: the estimators are research.objectives.ppo.kl_penalty, what the steps log
+  np.testing.assert_allclose(got["kl_k1"], np.mean(k1), rtol=1e-6)
+  np.testing.assert_allclose(got["kl"], np.mean(k3), rtol=1e-6)
+  np.testing.assert_allclose(got["kl_sequence"], np.sum(k1) / 2, rtol=1e-6)
   assert got["mean_length"] == 2.5
 
 
