@@ -32,7 +32,8 @@ def kl_sums(logp_nr: np.ndarray, ref_logp_nr: np.ndarray, mask_nr: np.ndarray) -
   # pylint: disable=import-outside-toplevel
   from research.objectives.ppo import kl_penalty  # the estimators the training steps log
   mask = np.asarray(mask_nr, np.float64)
-  k1, k3 = (np.asarray(kl_penalty(logp_nr, ref_logp_nr, kind), np.float64) for kind in ("k1", "k3"))
+  k1, k3 = (np.asarray(kl_penalty(logp_nr, ref_logp_nr, kind), np.float64)
+            for kind in ("k1", "k3"))
   return {"tokens": float(mask.sum()), "k1": float((k1 * mask).sum()),
           "k3": float((k3 * mask).sum()), "sequences": float(len(mask))}
 

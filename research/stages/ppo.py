@@ -73,11 +73,13 @@ def ppo_evaluator(rows: dict, models: PPOModels, settings: PPOSettings, tokenize
   noise): mean and std of the responses' scores, mean KL and length; logs a few samples."""
   if draws < 1:
     raise ConfigError(f"data.eval_draws={draws}: each held-out prompt needs at least one draw")
+
   def make(_, sharding):
     if not len(rows["prompt_tokens"]):
       return None
     tiled = {k: np.concatenate([v] * draws) for k, v in rows.items()}
     batch = host_slices([tiled], sharding)[0]
+
     def eval_rollout(state):
       out = rollout(state, batch, jax.random.PRNGKey(1234), models, settings)
       out["stats"]["score_std"] = jnp.std(out["scores_b"], ddof=1)
