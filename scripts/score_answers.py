@@ -3,7 +3,7 @@ run's held-out prompts: did training make the answers better by the reward model
 
   python -m scripts.score_answers --workdir=runs/dpo --reward_model=runs/rm \
       [--step=N] [--reference=DIR] [--max_new_tokens=64] [--temperature=0 [--samples=1]]
-      [--json=F] [--answers=F.jsonl]
+      [--judge_prompt=full|seen] [--json=F] [--answers=F.jsonl]
 
 The policy (after) and its reference (before: for a LoRA run the base with the adapter off, else
 the run's `init` or --reference) answer every held-out prompt of the run (a GRPO, DPO or PPO
@@ -55,7 +55,8 @@ def compare(before: Sequence[float], after: Sequence[float], len_before: Sequenc
 def score_answers(workdir: str, reward_model: str, step: int | None = None, reference: str = "",
                   max_new_tokens: int = 64, stop_text: str = "\n\nHuman:",
                   length_tolerance: float = 0.2, batch_size: int = 16, temperature: float = 0.0,
-                  samples: int = 1) -> tuple[dict[str, Any], list[dict]]:
+                  samples: int = 1,
+                  judge_prompt: str = "full") -> tuple[dict[str, Any], list[dict]]:
   """(the summary of `compare` with the run's names, one record per prompt)."""
   # pylint: disable=import-outside-toplevel
   from research import policy_eval
@@ -70,8 +71,13 @@ def score_answers(workdir: str, reward_model: str, step: int | None = None, refe
   run = policy_eval.load_policy_run(workdir, step, reference)
   ids, records = policy_eval.held_out_prompts(run.config, run.tokenizer)
   ids, records = ids * samples, records * samples  # every copy is its own draw
-  prompts = [r["prompt"] for r in records]
   tok = run.tokenizer
+  if judge_prompt not in ("full", "seen"):
+    raise ConfigError(f"--judge_prompt={judge_prompt!r}: 'full' or 'seen'")
+  # "seen": the prompt as the policy saw it (cut to the run's max_prompt_len), which is also what
+  # the reward model scored during PPO; "full": the record's whole prompt.
+  prompts = ([r["prompt"] for r in records] if judge_prompt == "full" else
+             [tok.decode(i) for i in ids])
   decoding = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                             stop_tokens=(tok.eos_token_id,))
 
@@ -88,7 +94,7 @@ def score_answers(workdir: str, reward_model: str, step: int | None = None, refe
   s_after = rm(prompts, after, records)
   summary = {"workdir": workdir, "step": step, "reference": run.reference.source,
              "reward_model": reward_model, "prompts": len(prompts) // samples,
-             "temperature": temperature, "samples": samples,
+             "temperature": temperature, "samples": samples, "judge_prompt": judge_prompt,
              **compare(s_before, s_after, [len(x) for x in before], [len(x) for x in after],
                        length_tolerance)}
   rows = [{"prompt": p, "before": b, "after": a, "score_before": sb, "score_after": sa}
@@ -107,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="0: greedy answers; else sampled (both models with the same seeds)")
   parser.add_argument("--samples", type=int, default=1, help="answers per prompt (sampled)")
   parser.add_argument("--stop_text", default="\n\nHuman:")
+  parser.add_argument("--judge_prompt", default="full", choices=("full", "seen"),
+                      help="what the reward model reads before an answer: the whole prompt, or "
+                      "the prompt as the policy saw it (cut to the run's max_prompt_len)")
   parser.add_argument("--length_tolerance", type=float, default=0.2)
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--json", default="", help="also write the summary to this file")
@@ -119,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     summary, rows = score_answers(args.workdir, args.reward_model, args.step, args.reference,
                                   args.max_new_tokens, args.stop_text, args.length_tolerance,
-                                  args.batch_size, args.temperature, args.samples)
+                                  args.batch_size, args.temperature, args.samples,
+                                  args.judge_prompt)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -211,9 +211,13 @@ def test_a_reward_model_scores_the_dpo_policy_above_its_reference(learned, tmp_p
   # Sampled, two answers per prompt, each its own draw; the trained preference still shows.
   sampled, rows2 = score_answers(str(tmp / "run"), str(tmp_path / "rm"),
                                  reference=str(tmp / "run" / "base"), max_new_tokens=12,
-                                 temperature=1.0, samples=2)
+                                 temperature=1.0, samples=2, judge_prompt="seen")
   assert sampled["prompts"] == 24 and len(rows2) == 48 and sampled["samples"] == 2
   assert [r["prompt"] for r in rows2[:24]] == [r["prompt"] for r in rows2[24:]]
+  # "seen": the judge reads the prompt the policy answered, decoded from its (cut) token ids.
+  assert all(r["prompt"] and full["prompt"].endswith(r["prompt"])
+             for r, full in zip(rows2, rows)), [(r["prompt"], f["prompt"]) for r, f in
+                                                zip(rows2[:2], rows)]
   assert [r["after"] for r in rows2[:24]] != [r["after"] for r in rows2[24:]]
   assert sampled["gain"] > 0, sampled
   assert main(["--workdir", str(tmp / "run"), "--reward_model", str(tmp_path / "rm"),
