@@ -39,19 +39,25 @@ def _state():
 
 def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
   """Left-padded prompts of different lengths, rows that stop early: every per-row quantity equals
-  a forward pass over that row alone, without padding."""
+  a forward pass over that row alone, without padding; the score is read before a stop token."""
   state = _state()
-  stop = 5
-  settings = PPOSettings(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0,
-                                                 stop_tokens=(stop,)), pad_id=0)
   models = PPOModels(policy_cfg=CFG, peft=NO_PEFT, value_cfg=CFG, reward_cfg=CFG)
   prompts = [[7, 8, 9, 10, 11], [12], [13, 14, 15]]
   tokens, segments = left_pad(prompts, 0)
-  out = rollout(state, {"prompt_tokens": jnp.asarray(tokens),
-                        "prompt_segments": jnp.asarray(segments)}, jax.random.PRNGKey(5), models,
-                settings)
+  batch = {"prompt_tokens": jnp.asarray(tokens), "prompt_segments": jnp.asarray(segments)}
+
+  def sample(stop):
+    settings = PPOSettings(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0,
+                                                   stop_tokens=(stop,)), pad_id=0)
+    return rollout(state, batch, jax.random.PRNGKey(5), models, settings)
+
+  # The same key draws the same tokens up to a stop, so row 0's second token as the stop token
+  # ends row 0 early.
+  stop = int(np.asarray(sample(47)["resp_br"])[0, 1])
+  out = sample(stop)
   lengths = np.asarray(out["mask_br"]).sum(1)
   resp = np.asarray(out["resp_br"])
+  assert lengths[0] <= 2 and resp[0, lengths[0] - 1] == stop, (lengths, resp)
   # References: each row alone, right-padded to one width (one compile per function).
   width = 12
   score_fn = jax.jit(lambda p, t, s: apply_with_head(p, CFG, SCORE_HEAD, t, s)[0])
@@ -63,7 +69,8 @@ def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
     n, pad = len(prompt) + len(response), width - len(prompt) - len(response)
     seq = jnp.asarray([prompt + response + [0] * pad])
     seg = jnp.asarray([[1] * n + [0] * pad])
-    score = score_fn(state.frozen["reward"], seq, seg)[0, n - 1]
+    # The reward model reads the response without its stop token (it trains on plain text).
+    score = score_fn(state.frozen["reward"], seq, seg)[0, n - 1 - int(response[-1] == stop)]
     np.testing.assert_allclose(out["scores_b"][i], score, atol=1e-5)
     for params, key in ((state.params["policy"], "logp_br"), (state.frozen["ref"], "ref_logp_br")):
       logits = logits_fn(params, seq, seg)

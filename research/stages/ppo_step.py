@@ -103,15 +103,18 @@ def rollout(state: TrainState, batch: dict, rng, models: PPOModels, s: PPOSettin
                                        seg_bl, p, resp_br)
   value = merge_params(state.params["value"], frozen["value"])
   values_br = value_estimates(value, models.value_cfg, models.peft, seq_bl, seg_bl, p, r)
-  if models.reward_cfg is not None:
-    rm_values_bl, _, _ = apply_with_head(frozen["reward"], models.reward_cfg, SCORE_HEAD, seq_bl,
-                                         seg_bl)
-    scores_b = gather_last(rm_values_bl, p - 1 + lengths_b)
-  else:
-    scores_b = models.reward_fn(resp_br, mask_br)
   stops = jnp.asarray(s.sampling.stop_tokens or (-1,), jnp.int32)
   last_tok_b = jnp.take_along_axis(resp_br, jnp.maximum(lengths_b - 1, 0)[:, None], axis=1)[:, 0]
   has_eos_b = jnp.isin(last_tok_b, stops)
+  if models.reward_cfg is not None:
+    rm_values_bl, _, _ = apply_with_head(frozen["reward"], models.reward_cfg, SCORE_HEAD, seq_bl,
+                                         seg_bl)
+    # Read at the last token before the stop token: the reward stage trains on text without
+    # special tokens, so a sequence ending in EOS lies outside what the score head has seen (and
+    # the causal model's earlier positions do not see the stop token).
+    scores_b = gather_last(rm_values_bl, p - 1 + lengths_b - has_eos_b.astype(lengths_b.dtype))
+  else:
+    scores_b = models.reward_fn(resp_br, mask_br)
   penalized_b = scores_b - s.missing_eos_penalty * (~has_eos_b).astype(jnp.float32)
 
   kl_br = ppo_math.kl_penalty(logp_br, ref_logp_br, s.kl_kind) * mask_br
