@@ -120,10 +120,13 @@ def test_ppo_raises_the_word_list_reward(ppo_straight):
 
 
 def test_ppo_eval_needs_a_draw_per_prompt():
+  from configs.ppo import get_config
   from research.errors import ConfigError
-  from research.stages.ppo import ppo_evaluator
-  with pytest.raises(ConfigError, match="data.eval_draws=0"):
-    ppo_evaluator({}, None, None, None, "", draws=0)
+  from research.stages.config_ranges import check_config_ranges
+  config = get_config("hh_rlhf_smollm2")
+  config.data.eval_draws = 0
+  with pytest.raises(ConfigError, match=r"data.eval_draws=0 is out of range: it must be >= 1"):
+    check_config_ranges(config)
 
 
 def test_ppo_resumed_run_matches_the_uninterrupted_one(ppo_straight, tmp_path):

@@ -54,6 +54,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("data", "vocab_size"): at_least(1), ("data", "stdlib_max_bytes"): at_least(1),
     ("data", "tokenizer_train_bytes"): at_least(1), ("data", "eval_count"): at_least(0),
     ("data", "max_len"): at_least(2), ("data", "max_prompt_len"): at_least(1),
+    ("data", "eval_draws"): at_least(1),
     # model (vocab_size 0 follows the tokenizer)
     ("model", "vocab_size"): at_least(0), ("model", "hidden_size"): at_least(1),
     ("model", "num_layers"): at_least(1), ("model", "num_heads"): at_least(1),

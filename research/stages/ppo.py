@@ -71,8 +71,6 @@ def ppo_evaluator(rows: dict, models: PPOModels, settings: PPOSettings, tokenize
                   samples_path: str, num_samples: int = 2, draws: int = 1):
   """Held-out prompts, each answered `draws` times (one fixed key, so every eval sees the same
   noise): mean and std of the responses' scores, mean KL and length; logs a few samples."""
-  if draws < 1:
-    raise ConfigError(f"data.eval_draws={draws}: each held-out prompt needs at least one draw")
 
   def make(_, sharding):
     if not len(rows["prompt_tokens"]):
