@@ -31,8 +31,10 @@ def base_config() -> ConfigDict:
           words=("self", "return", "None", "if", "not", "in"),
       )),
       value=ConfigDict(dict(init="reward")),  # 'reward': RM weights + fresh head; 'policy'
-      # eval_draws: sampled responses per held-out prompt at each eval (one fixed key).
-      data=ConfigDict(dict(path="", max_prompt_len=64, eval_count=16, eval_draws=1)),
+      # eval_draws: sampled responses per held-out prompt at each eval (one fixed key);
+      # chat_template: prompts as in configs/reward.py (match the reward model's own setting).
+      data=ConfigDict(dict(path="", max_prompt_len=64, eval_count=16, eval_draws=1,
+                           chat_template=False)),
       sampling=ConfigDict(dict(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0,
                                stop_tokens=())),
       ppo=ConfigDict(dict(
@@ -67,7 +69,8 @@ def _hh_rlhf_smollm2(c: ConfigDict) -> None:
   c.reward_training = reward.get_config("hh_rlhf_smollm2")
   c.peft.update(method="lora", r=8, alpha=16.0, dropout=0.0,
                 targets=("q", "k", "v", "o", "gate", "up", "down"))
-  c.data.update(max_prompt_len=96, eval_count=32)
+  # Prompts in the instruct model's chat template, as its reward model was trained on them.
+  c.data.update(max_prompt_len=96, eval_count=32, chat_template=True)
   c.sampling.max_new_tokens = 32
   c.ppo.update(epochs=2, minibatches=2)
   # lr 3e-4: in 48 steps the adapter must move a few nats from the reference (bound 10) before

@@ -4,8 +4,8 @@ Presets:
   hh_rlhf  the rank loss on data/hh_rlhf_harmless_test_500.jsonl, 100 pairs held out,
            LoRA r=8 on all projections; with no `init` it first pretrains a small base on the
            training dialogues.
-  hh_rlhf_smollm2  the same LoRA reward model on SmolLM2-135M-Instruct (fetched on first use);
-           CPU-sized.
+  hh_rlhf_smollm2  the same LoRA reward model on SmolLM2-135M-Instruct (fetched on first use),
+           the dialogues in its chat template; CPU-sized.
   test     seconds-long run for tests (needs data.path).
 """
 
@@ -31,7 +31,10 @@ def base_config() -> ConfigDict:
       init="",  # an SFT/pretrain workdir or HF directory; '' = build a small base first
       peft=peft_config(method="none"),
       # long_prompts: "error" stops on a prompt of max_len tokens or more; "truncate" keeps its end.
-      data=ConfigDict(dict(path="", max_len=256, eval_count=100, long_prompts="error")),
+      # chat_template: prompts rendered as turns of the tokenizer's chat template (an instruct
+      # model's own format; no effect when it has none), responses closed by its EOS.
+      data=ConfigDict(dict(path="", max_len=256, eval_count=100, long_prompts="error",
+                           chat_template=False)),
       loss=ConfigDict(dict(use_margin=False, center_coef=0.0)),
       base=_base_pretrain_config(),
       train=common.train_config(steps=300, global_batch=8, eval_every=50, log_every=10,
@@ -57,10 +60,12 @@ def _hh_rlhf(c: ConfigDict) -> None:
 def _hh_rlhf_smollm2(c: ConfigDict) -> None:
   _hh_rlhf(c)
   c.init = "fetch:smollm2-135m-instruct"
-  c.data.update(max_len=256, eval_count=64)
+  # The dialogues as turns of the instruct model's ChatML template, answers closed by <|im_end|>:
+  # held-out rank loss 0.652 at step 60, against 0.699 on the raw "Human:/Assistant:" text.
+  c.data.update(max_len=256, eval_count=64, chat_template=True)
   # Sized for 2 CPU cores: a pair is two rows of up to 256 tokens; 60 steps of 8 pairs (480, a
   # little over one pass of the 436 training pairs) at about 20 s a step on quiet cores.
-  c.optimizer.warmup_steps = 5
+  c.optimizer.update(lr=1e-3, warmup_steps=5)
   c.train.update(steps=60, global_batch=8, eval_every=15, max_eval_batches=8,
                  checkpoint_every=15)
 

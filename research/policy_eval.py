@@ -99,6 +99,8 @@ def held_out_prompts(config: ConfigDict, tokenizer: Any) -> tuple[list[list[int]
                       "it has no held-out prompts to read")
   _, records = pref_data.read_preference_splits(config.data.path, config.data.eval_count,
                                                 config.seed)
+  if config.data.get("chat_template", False):
+    records = pref_data.chat_records(records, tokenizer)
   max_len = config.data.get("max_prompt_len", config.data.get("max_len", 512))
   return pref_data.prompt_ids(records, tokenizer, max_len), records
 

@@ -2,6 +2,7 @@
 naming file/record/field, `[N, K, T]` token arrays (EOS at last_index, prompt cut from the left),
 the split, rollout prompts, and the real hh-rlhf harmless pairs."""
 
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import transformers
 
-from research.data.preferences import (ASSISTANT_TAG, prompt_ids, read_preference_records,
+from research.data.preferences import (ASSISTANT_TAG, chat_records, prompt_ids,
+                                       read_preference_records,
                                        split_preferences, tokenize_preferences)
 from research.data.tokenizer import train_bpe_tokenizer
 from research.errors import ConfigError, DataError
@@ -203,3 +205,34 @@ def test_hh_rlhf_harmless_pairs(shared_data, tok):
   assert (np.take_along_axis(arrays["tokens_bkt"], last_bk[..., None], -1)[..., 0]
           == tok.eos_token_id).all()
   assert report.truncated == 0 and arrays["valid_bk"].all()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_records_render_prompts_as_template_turns(tok, tmp_path):
+  """data.chat_template: an hh-rlhf dialogue becomes its turns (Human -> user, Assistant ->
+  assistant) and a plain prompt one user turn, with the assistant turn opened; responses lose their
+  leading space and end with the EOS, where the score is read. No template: records unchanged."""
+  records = read_preference_records(write_jsonl(tmp_path / "p.jsonl", [HH, PAIR]))
+  assert chat_records(records, tok) == records
+  chat_tok = copy.deepcopy(tok)
+  chat_tok.chat_template = CHATML
+  chat = chat_records(records, chat_tok)
+  assert chat[0]["prompt"] == (
+      "<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\nMix flour and "
+      "water.<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+  assert chat[0]["responses"] == ["Bake it.", "I cannot help with that."]
+  assert chat[1]["prompt"] == ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+                               "<|im_start|>assistant\n")
+  assert chat[1]["responses"] == ["Four.", "Five."] and chat[1]["margin"] == 1.5
+  arrays, _ = tokenize_preferences(chat, chat_tok, max_len=128)
+  row = arrays["tokens_bkt"][1, 0]
+  last = arrays["last_index_bk"][1, 0]
+  assert row[last] == chat_tok.eos_token_id
+  assert row[:last].tolist() == enc(chat_tok, chat[1]["prompt"]) + enc(chat_tok, "Four.")
+  chat_tok.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+  with pytest.raises(DataError, match=r"p.jsonl record 1.*chat template.*alternate.*"
+                     r"data.chat_template=False"):
+    chat_records(records, chat_tok)

@@ -46,6 +46,8 @@ def test_smollm2_presets_start_from_the_fetched_model():
   p = ppo.get_config("hh_rlhf_smollm2")
   assert p.init == c.init and p.reward_training.to_dict() == reward.get_config(
       "hh_rlhf_smollm2").to_dict()
+  # The policy's prompts take the form its reward model was trained on (PPO refuses a mismatch).
+  assert p.data.chat_template is True and p.reward_training.data.chat_template is True
 
 
 def test_nothing_outside_tests_reads_shared_data():

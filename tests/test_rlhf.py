@@ -39,7 +39,8 @@ def _state():
 
 def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
   """Left-padded prompts of different lengths, rows that stop early: every per-row quantity equals
-  a forward pass over that row alone, without padding; the score is read before a stop token."""
+  a forward pass over that row alone, without padding; the reward model reads each response as
+  the reward stage's rows end, at an EOS: its own when it stopped on it, else one appended."""
   state = _state()
   models = PPOModels(policy_cfg=CFG, peft=NO_PEFT, value_cfg=CFG, reward_cfg=CFG)
   prompts = [[7, 8, 9, 10, 11], [12], [13, 14, 15]]
@@ -48,7 +49,7 @@ def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
 
   def sample(stop):
     settings = PPOSettings(sampling=SamplingConfig(max_new_tokens=6, temperature=1.0,
-                                                   stop_tokens=(stop,)), pad_id=0)
+                                                   stop_tokens=(stop,)), pad_id=0, eos_id=stop)
     return rollout(state, batch, jax.random.PRNGKey(5), models, settings)
 
   # The same key draws the same tokens up to a stop, so row 0's second token as the stop token
@@ -58,6 +59,7 @@ def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
   lengths = np.asarray(out["mask_br"]).sum(1)
   resp = np.asarray(out["resp_br"])
   assert lengths[0] <= 2 and resp[0, lengths[0] - 1] == stop, (lengths, resp)
+  assert (lengths == 6).any(), lengths  # and a row cut at max_new_tokens, with no EOS of its own
   # References: each row alone, right-padded to one width (one compile per function).
   width = 12
   score_fn = jax.jit(lambda p, t, s: apply_with_head(p, CFG, SCORE_HEAD, t, s)[0])
@@ -69,9 +71,10 @@ def test_rollout_scores_logprobs_and_kl_at_the_right_tokens():
     n, pad = len(prompt) + len(response), width - len(prompt) - len(response)
     seq = jnp.asarray([prompt + response + [0] * pad])
     seg = jnp.asarray([[1] * n + [0] * pad])
-    # The reward model reads the response without its stop token (it trains on plain text).
-    score = score_fn(state.frozen["reward"], seq, seg)[0, n - 1 - int(response[-1] == stop)]
-    np.testing.assert_allclose(out["scores_b"][i], score, atol=1e-5)
+    judged = prompt + response + [stop] * (response[-1] != stop)  # the EOS the reward model reads
+    score = score_fn(state.frozen["reward"], jnp.asarray([judged + [0] * (width - len(judged))]),
+                     jnp.asarray([[1] * len(judged) + [0] * (width - len(judged))]))
+    np.testing.assert_allclose(out["scores_b"][i], score[0, len(judged) - 1], atol=1e-5)
     for params, key in ((state.params["policy"], "logp_br"), (state.frozen["ref"], "ref_logp_br")):
       logits = logits_fn(params, seq, seg)
       logp = -token_nll(logits[:, len(prompt) - 1:n - 1], seq[:, len(prompt):n])
@@ -91,6 +94,25 @@ def test_reward_model_tokenizer_must_match_policy(tmp_path):
   same_tokenizer(a, a, "same")
   with pytest.raises(ConfigError, match="tokenizer .* differs from the policy's"):
     same_tokenizer(a, b, str(tmp_path / "b"))
+
+
+def test_reward_model_prompt_format_must_match_policy(tmp_path):
+  """A reward model trained on chat-templated prompts refuses plain ones (and the reverse), naming
+  the flag to set; a reward model whose run config says nothing about it (an older one, or none)
+  is taken as plain."""
+  from configs.ppo import get_config
+  from research.stages.ppo import same_prompt_format
+  from research.train.metrics import save_config
+  config = get_config("test")
+  save_config(tmp_path, {"stage": "reward", "data": {"chat_template": True}})
+  with pytest.raises(ConfigError, match=r"data.chat_template=False but the reward model .* "
+                     r"data.chat_template=True .*--config.data.chat_template=True"):
+    same_prompt_format(config, str(tmp_path))
+  config.data.chat_template = True
+  same_prompt_format(config, str(tmp_path))
+  save_config(tmp_path, {"stage": "reward", "data": {}})
+  with pytest.raises(ConfigError, match="--config.data.chat_template=False"):
+    same_prompt_format(config, str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +209,29 @@ def test_reward_model_learns_a_preference(tmp_path):
   assert out["eval"]["eval/pairs"] == 32
   hh_rlhf = SHARED_DATA / "hh_rlhf_harmless_test_500.jsonl"  # real dialogues, when present
   _check_sequence_classifier_export(tmp_path, [path] + [hh_rlhf] * hh_rlhf.is_file())
+  _check_text_scores(tmp_path / "rm", path)
+
+
+def _check_text_scores(rm_dir, pairs_path):
+  """The reward model as a text reward function (what GRPO and scripts/score_answers use) scores
+  prompt + answer as the reward stage scored the tokenized pair, at the EOS it was trained to
+  read, to 1e-5."""
+  from research.data import preferences
+  from research.data.tokenizer import load_tokenizer
+  from research.parallel.rules import DEFAULT_RULES
+  from research.stages.grpo import reward_model_function
+  from research.stages.reward import completion_scores
+  from research.train.workdir import load_run
+  cfg, peft, params, tok_dir, _ = load_run(str(rm_dir))
+  records = preferences.read_preference_records(str(pairs_path))[:6]
+  arrays, report = preferences.tokenize_preferences(records, load_tokenizer(tok_dir), 64)
+  assert report.truncated == 0
+  ours = np.asarray(completion_scores(params, cfg, peft, {k: jnp.asarray(v) for k, v in
+                                                         arrays.items()}))
+  score = reward_model_function(str(rm_dir), None, DEFAULT_RULES, batch_size=4, max_len=64)
+  texts = score([r["prompt"] for r in records for _ in r["responses"]],
+                [x for r in records for x in r["responses"]], None)
+  np.testing.assert_allclose(np.reshape(texts, ours.shape), ours, atol=1e-5)
 
 
 def _check_sequence_classifier_export(tmp_path, pairs_paths):

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Sequence
 
 import numpy as np
 import transformers
 
+from research.data.chat_template import has_chat_template
 from research.data.corpus import resolve_corpus_files
 from research.data.loader import holdout_split, tokenize_corpus
 from research.data.sft import SFT_EXTENSIONS, _raw_records
@@ -18,6 +20,9 @@ from research.errors import ConfigError, DataError
 
 PREFERENCE_EXTENSIONS = SFT_EXTENSIONS
 ASSISTANT_TAG = "\n\nAssistant:"  # hh-rlhf's turn marker; a prompt ends with it
+HUMAN_TAG = "\n\nHuman:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 Record = dict
 Arrays = dict[str, np.ndarray]
 
@@ -181,6 +186,40 @@ class PreferenceReport:
     return (f"preference records: {self.total} total, {self.truncated} truncated (prompt cut "
             f"from the left to fit max_len={self.max_len}); longest {self.max_tokens} tokens; "
             f"up to {self.max_responses} responses each")
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+  """A preference prompt as chat messages: an hh-rlhf dialogue (`\\n\\nHuman: ... \\n\\nAssistant:`)
+  turn by turn (Human -> user, Assistant -> assistant, each turn's text stripped, the final empty
+  assistant tag dropped); any other prompt as one user turn."""
+  if prompt.startswith(HUMAN_TAG) and prompt.endswith(ASSISTANT_TAG):
+    parts = _HH_TURN.split(prompt[:-len(ASSISTANT_TAG)])  # ["", tag, text, tag, text, ...]
+    return [{"role": _HH_ROLES[tag], "content": text.strip()}
+            for tag, text in zip(parts[1::2], parts[2::2])]
+  return [{"role": "user", "content": prompt.strip()}]
+
+
+def chat_records(records: Sequence[Record], tokenizer: transformers.PreTrainedTokenizerBase,
+                 ) -> list[Record]:
+  """Normalised records with each prompt rendered through the tokenizer's chat template (the
+  messages of `prompt_messages`, the assistant turn opened as at generation time) and each
+  response stripped of surrounding whitespace. The EOS that `tokenize_preferences` appends closes
+  the assistant turn, as it stops generation: for an instruct tokenizer it is the template's
+  end-of-turn token (`<|im_end|>` in ChatML, `<|eot_id|>` in Llama 3). Records come back unchanged
+  when the tokenizer has no chat template."""
+  if not has_chat_template(tokenizer):
+    return list(records)
+  out = []
+  for number, record in enumerate(records, start=1):
+    where, prompt, responses, _ = _checked_record(record, number)
+    try:
+      text = tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False,
+                                           add_generation_prompt=True)
+    except Exception as e:  # jinja's TemplateError and the template's own raise_exception
+      raise DataError(f"{where}: the tokenizer's chat template refuses this prompt's turns "
+                      f"({e}); set data.chat_template=False to use the text as it is") from e
+    out.append({**record, "prompt": text, "responses": [r.strip() for r in responses]})
+  return out
 
 
 LONG_PROMPT_POLICIES = ("error", "truncate")

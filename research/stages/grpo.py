@@ -115,19 +115,27 @@ def prompt_rows(ids: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
 def reward_model_function(rm_dir: str, mesh, rules, batch_size: int = 16,
                           max_len: int = 512) -> Callable:
   """A reward model of the reward stage as a batched reward function: scores prompt + completion
-  text, tokenised with the reward model's own tokenizer (so it need not share the policy's)."""
+  text, tokenised with the reward model's own tokenizer (so it need not share the policy's) the
+  way the reward stage tokenised its pairs: prompt and completion each without special tokens,
+  then its EOS, where the score is read; the prompt is cut from the left to fit `max_len`."""
   if wd.read_head(rm_dir) != SCORE_HEAD:
     raise ConfigError(f"reward.model={rm_dir!r} is not a reward model workdir (no score head)")
   cfg, peft, params, tok_dir, _ = wd.load_run(rm_dir, mesh=mesh, rules=rules)
   tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
   score = jax.jit(lambda p, t, s: apply_with_head(p, cfg, SCORE_HEAD, t, s, peft=peft)[0])
+  encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+
+  def rm_ids(prompt: str, completion: str) -> list[int]:
+    answer = encode(completion)[:max_len - 2] + [tokenizer.eos_token_id]
+    return encode(prompt)[-(max_len - len(answer)):] + answer
 
   def reward_model(prompts, completions, examples):
     del examples
     out = []
     for lo in range(0, len(prompts), batch_size):
       texts = [p + c for p, c in zip(prompts[lo:lo + batch_size], completions[lo:lo + batch_size])]
-      ids = [tokenizer(t)["input_ids"][-max_len:] for t in texts]
+      ids = [rm_ids(p, c) for p, c in zip(prompts[lo:lo + batch_size],
+                                          completions[lo:lo + batch_size])]
       ids += [ids[0]] * (batch_size - len(ids))  # one static shape, one compile
       width = max(len(i) for i in ids)
       tokens = np.full((batch_size, width), tokenizer.pad_token_id, np.int32)

@@ -25,7 +25,7 @@ from research.stages.ppo_step import PPOModels, PPOSettings, make_ppo_step, roll
 from research.stages.sft import peft_from
 from research.stages.training import StageSpec, host_slices, run_training
 from research.train import workdir as wd
-from research.train.metrics import read_metrics
+from research.train.metrics import read_config, read_metrics
 
 
 def prompt_rows(prompts: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
@@ -53,13 +53,27 @@ def same_tokenizer(a: Any, b: Any, where: str) -> None:
                       "scores the policy's tokens as they are, so both must share one tokenizer")
 
 
+def same_prompt_format(config: ConfigDict, rm_dir: str) -> None:
+  """The reward model scores rollouts in the prompt format it was trained on: a chat-templated
+  reward model reading plain prompts (or the reverse) scores text unlike any it has seen."""
+  rm_config = read_config(rm_dir)
+  if rm_config is None or rm_config.get("stage") != "reward":
+    return
+  rm_chat = bool(rm_config.get("data", {}).get("chat_template", False))
+  if rm_chat != bool(config.data.get("chat_template", False)):
+    raise ConfigError(f"data.chat_template={bool(config.data.get('chat_template', False))} but "
+                      f"the reward model in {rm_dir} was trained with data.chat_template="
+                      f"{rm_chat} (its config.json): set --config.data.chat_template={rm_chat} so "
+                      "the policy's prompts look like the ones it learned to score")
+
+
 def settings_from(config: ConfigDict, tokenizer: Any) -> PPOSettings:
   p, s = config.ppo, config.sampling
   stops = tuple(s.stop_tokens) or (tokenizer.eos_token_id,)
   sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                             top_k=s.top_k, top_p=s.top_p, stop_tokens=stops)
   return PPOSettings(
-      sampling=sampling, pad_id=tokenizer.pad_token_id, kl_kind=p.kl_kind, kl_coef=p.kl_coef,
+      sampling=sampling, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, kl_kind=p.kl_kind, kl_coef=p.kl_coef,
       adaptive_kl=p.adaptive_kl, kl_target=p.kl_target, kl_horizon=p.kl_horizon,
       whiten_rewards=p.whiten_rewards, gamma=p.gamma, lam=p.lam, cliprange=p.cliprange,
       cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, epochs=p.epochs,
@@ -140,6 +154,9 @@ def _prompts(config: ConfigDict, workdir: str, tokenizer) -> tuple[list, list]:
         [p.strip() for p in config.data.path.split(",") if p.strip()])
     train, held_out = pref_data.split_preferences(records, eval_count=config.data.eval_count,
                                                   seed=config.seed)
+    if config.data.get("chat_template", False):
+      train = pref_data.chat_records(train, tokenizer)
+      held_out = pref_data.chat_records(held_out, tokenizer)
     return (pref_data.prompt_ids(train, tokenizer, max_len),
             pref_data.prompt_ids(held_out, tokenizer, max_len))
   # No prompt file: lines of the base corpus, cut to max_prompt_len (the word-list sanity task).
@@ -191,6 +208,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
     if wd.read_head(rm_dir) != SCORE_HEAD:
       raise ConfigError(f"reward.model={rm_dir!r} is not a reward model (no score head)")
     same_tokenizer(tokenizer, tokenizer_lib.load_tokenizer(rm_tok), rm_dir)
+    same_prompt_format(config, rm_dir)
     if wd.read_peft_config(rm_dir).method == "lora":
       from research.models.peft import merge_lora  # pylint: disable=import-outside-toplevel
       rm_params = merge_lora(rm_params, wd.read_peft_config(rm_dir))

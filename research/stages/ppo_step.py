@@ -37,6 +37,7 @@ RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
 class PPOSettings:
   sampling: SamplingConfig
   pad_id: int
+  eos_id: int  # the token that ends every response the reward stage trains on
   kl_kind: str = "k1"
   kl_coef: float = 0.05
   adaptive_kl: bool = False
@@ -107,12 +108,20 @@ def rollout(state: TrainState, batch: dict, rng, models: PPOModels, s: PPOSettin
   last_tok_b = jnp.take_along_axis(resp_br, jnp.maximum(lengths_b - 1, 0)[:, None], axis=1)[:, 0]
   has_eos_b = jnp.isin(last_tok_b, stops)
   if models.reward_cfg is not None:
-    rm_values_bl, _, _ = apply_with_head(frozen["reward"], models.reward_cfg, SCORE_HEAD, seq_bl,
-                                         seg_bl)
-    # Read at the last token before the stop token: the reward stage trains on text without
-    # special tokens, so a sequence ending in EOS lies outside what the score head has seen (and
-    # the causal model's earlier positions do not see the stop token).
-    scores_b = gather_last(rm_values_bl, p - 1 + lengths_b - has_eos_b.astype(lengths_b.dtype))
+    # The reward stage reads its score at the EOS that ends every response it trains on
+    # (research/data/preferences.py). A response that ends with the EOS is read there; any other
+    # (cut at max_new_tokens, or stopped on another stop token) gets the EOS appended for the
+    # reward model alone, as scripts/score_answers scores text: both are read as finished answers.
+    ends_eos_b = (last_tok_b == s.eos_id) & (lengths_b > 0)
+    end_b = p + lengths_b  # just after the response: a padding slot, or the column added here
+    rows = jnp.arange(seq_bl.shape[0])
+    rm_seq = jnp.pad(seq_bl, ((0, 0), (0, 1)), constant_values=s.pad_id)
+    rm_seg = jnp.pad(seg_bl, ((0, 0), (0, 1)))
+    rm_seq = rm_seq.at[rows, end_b].set(jnp.where(ends_eos_b, rm_seq[rows, end_b], s.eos_id))
+    rm_seg = rm_seg.at[rows, end_b].set(jnp.where(ends_eos_b, rm_seg[rows, end_b], 1))
+    rm_values_bl, _, _ = apply_with_head(frozen["reward"], models.reward_cfg, SCORE_HEAD, rm_seq,
+                                         rm_seg)
+    scores_b = gather_last(rm_values_bl, end_b - ends_eos_b.astype(end_b.dtype))
   else:
     scores_b = models.reward_fn(resp_br, mask_br)
   penalized_b = scores_b - s.missing_eos_penalty * (~has_eos_b).astype(jnp.float32)

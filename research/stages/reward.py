@@ -121,6 +121,9 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   if not tok_dir:
     raise ConfigError(f"init={config.init!r} has no tokenizer files beside its weights")
   tokenizer = tokenizer_lib.load_tokenizer(tok_dir)
+  if config.data.get("chat_template", False):
+    train_records = pref_data.chat_records(train_records, tokenizer)
+    eval_records = pref_data.chat_records(eval_records, tokenizer)
   tokenize = lambda recs: pref_data.tokenize_preferences(  # noqa: E731
       recs, tokenizer, config.data.max_len, config.data.long_prompts)
   train_rows, report = tokenize(train_records)
