@@ -133,9 +133,9 @@ def reward_model_function(rm_dir: str, mesh, rules, batch_size: int = 16,
     del examples
     out = []
     for lo in range(0, len(prompts), batch_size):
-      texts = [p + c for p, c in zip(prompts[lo:lo + batch_size], completions[lo:lo + batch_size])]
       ids = [rm_ids(p, c) for p, c in zip(prompts[lo:lo + batch_size],
                                           completions[lo:lo + batch_size])]
+      n = len(ids)
       ids += [ids[0]] * (batch_size - len(ids))  # one static shape, one compile
       width = max(len(i) for i in ids)
       tokens = np.full((batch_size, width), tokenizer.pad_token_id, np.int32)
@@ -144,7 +144,7 @@ def reward_model_function(rm_dir: str, mesh, rules, batch_size: int = 16,
         tokens[row, :len(i)], segments[row, :len(i)] = i, 1
       values = score(params, jnp.asarray(tokens), jnp.asarray(segments))
       last = gather_last(values, jnp.asarray(segments.sum(1) - 1))
-      out.extend(np.asarray(last)[:len(texts)].tolist())
+      out.extend(np.asarray(last)[:n].tolist())
     return out
 
   reward_model.batched = True

@@ -73,11 +73,11 @@ def settings_from(config: ConfigDict, tokenizer: Any) -> PPOSettings:
   sampling = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                             top_k=s.top_k, top_p=s.top_p, stop_tokens=stops)
   return PPOSettings(
-      sampling=sampling, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, kl_kind=p.kl_kind, kl_coef=p.kl_coef,
-      adaptive_kl=p.adaptive_kl, kl_target=p.kl_target, kl_horizon=p.kl_horizon,
-      whiten_rewards=p.whiten_rewards, gamma=p.gamma, lam=p.lam, cliprange=p.cliprange,
-      cliprange_value=p.cliprange_value, vf_coef=p.vf_coef, epochs=p.epochs,
-      minibatches=p.minibatches, micro_batches=config.train.micro_batches,
+      sampling=sampling, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+      kl_kind=p.kl_kind, kl_coef=p.kl_coef, adaptive_kl=p.adaptive_kl, kl_target=p.kl_target,
+      kl_horizon=p.kl_horizon, whiten_rewards=p.whiten_rewards, gamma=p.gamma, lam=p.lam,
+      cliprange=p.cliprange, cliprange_value=p.cliprange_value, vf_coef=p.vf_coef,
+      epochs=p.epochs, minibatches=p.minibatches, micro_batches=config.train.micro_batches,
       missing_eos_penalty=p.missing_eos_penalty)
 
 
