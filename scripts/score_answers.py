@@ -13,10 +13,10 @@ seeds), up to --max_new_tokens, each stopping at its EOS; an answer is then cut 
 starts the next human turn). The reward model (a reward-stage workdir, with its own tokenizer)
 scores prompt + answer + its EOS, read at that EOS as in training (so an answer cut at
 --max_new_tokens is scored as finished, as PPO scores it). Printed, per side: the mean score and
-mean answer length (characters); then the mean gain in units of the reference scores' standard deviation, how often the policy's answer
-scores higher (ties count half), and the gain among the prompts whose two answers are within
---length_tolerance of each other in length, so a gain that only comes from longer or shorter
-answers shows.
+mean answer length (characters); then the mean gain in units of the reference scores' standard
+deviation, how often the policy's answer scores higher (ties count half), and the gain among the
+prompts whose two answers are within --length_tolerance of each other in length, so a gain that
+only comes from longer or shorter answers shows.
 """
 
 from __future__ import annotations
