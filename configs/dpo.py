@@ -25,9 +25,9 @@ def base_config() -> ConfigDict:
       seed=0,
       init="",  # an SFT/pretrain workdir or HF directory; '' = build a small base first
       peft=peft_config(method="none"),
-      # chat_template: as in configs/reward.py.
-      data=ConfigDict(dict(path="", max_len=256, eval_count=100, long_prompts="error",
-                           chat_template=False)),
+      # chat_template, eval_fold: as in configs/reward.py.
+      data=ConfigDict(dict(path="", max_len=256, eval_count=100, eval_fold=0,
+                           long_prompts="error", chat_template=False)),
       dpo=ConfigDict(dict(
           loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.5,
           # The reference's log-probs of every pair, once before training (one model in memory);

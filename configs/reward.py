@@ -33,8 +33,10 @@ def base_config() -> ConfigDict:
       # long_prompts: "error" stops on a prompt of max_len tokens or more; "truncate" keeps its end.
       # chat_template: prompts rendered as turns of the tokenizer's chat template (an instruct
       # model's own format; no effect when it has none), responses closed by its EOS.
-      data=ConfigDict(dict(path="", max_len=256, eval_count=100, long_prompts="error",
-                           chat_template=False)),
+      # eval_fold: which block of eval_count records (in the seeded shuffle) is held out; a sweep
+      # over folds 0..k-1 is k-fold cross-validation (the `folds` sweep below).
+      data=ConfigDict(dict(path="", max_len=256, eval_count=100, eval_fold=0,
+                           long_prompts="error", chat_template=False)),
       loss=ConfigDict(dict(use_margin=False, center_coef=0.0)),
       base=_base_pretrain_config(),
       train=common.train_config(steps=300, global_batch=8, eval_every=50, log_every=10,
@@ -90,3 +92,14 @@ def get_config(preset: str = "hh_rlhf") -> ConfigDict:
   c = base_config()
   PRESETS[preset](c)
   return c
+
+
+# `scripts/sweep.py --config=configs/reward.py:hh_rlhf_smollm2 --sweep=folds`: 4-fold
+# cross-validation over the 500 shipped pairs (125 held out per fold, each scored once at the end),
+# the preset's accuracy with a standard error near 0.02 instead of 0.06 over its 64 held-out pairs.
+SWEEPS = {
+    "folds": {"grid": {"data.eval_fold": [0, 1, 2, 3]},
+              "fixed": {"data.eval_count": 125, "train.max_eval_batches": 16,
+                        "train.eval_every": 60},
+              "seed": 0},
+}

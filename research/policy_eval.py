@@ -98,7 +98,7 @@ def held_out_prompts(config: ConfigDict, tokenizer: Any) -> tuple[list[list[int]
     raise ConfigError(f"the {config.stage} run read no preference file (data.path is empty), so "
                       "it has no held-out prompts to read")
   _, records = pref_data.read_preference_splits(config.data.path, config.data.eval_count,
-                                                config.seed)
+                                                config.seed, config.data.get("eval_fold", 0))
   if config.data.get("chat_template", False):
     records = pref_data.chat_records(records, tokenizer)
   max_len = config.data.get("max_prompt_len", config.data.get("max_len", 512))

@@ -173,6 +173,20 @@ def test_split_and_prompt_ids(tok):
     split_preferences(records, eval_fraction=0.1, eval_count=1)
   with pytest.raises(DataError, match="too few"):
     split_preferences(records[:1], eval_count=1)
+  # Folds: fold 0 is the plain split; folds 0..4 of 2 records hold out every record exactly once,
+  # and each fold's train part is the rest.
+  assert split_preferences(records, eval_count=2, seed=3, fold=0) == split_preferences(
+      records, eval_count=2, seed=3)
+  folds = [split_preferences(records, eval_count=2, seed=3, fold=i) for i in range(5)]
+  held_out = [r["source"] for _, held in folds for r in held]
+  assert sorted(held_out) == sorted(r["source"] for r in records)
+  for train, held in folds:
+    assert len(held) == 2 and sorted(r["source"] for r in train + held) == sorted(
+        r["source"] for r in records)
+  with pytest.raises(DataError, match=r"eval_fold=5 holds out records 11..12 .* folds are 0..4"):
+    split_preferences(records, eval_count=2, seed=3, fold=5)
+  with pytest.raises(ConfigError, match="eval_fold=1 with no held-out"):
+    split_preferences(records, eval_count=0, fold=1)
   ids = prompt_ids(records, tok, max_prompt_len=3)
   tag = enc(tok, ASSISTANT_TAG)
   assert all(len(x) <= 3 for x in ids)

@@ -63,7 +63,8 @@ def test_bad_specs_fail_before_any_trial(tmp_path, spec, needle):
 
 @pytest.mark.parametrize("config, name", [("configs/pretrain.py:test", "lr_batch"),
                                           ("configs/pretrain.py:test", "lr_warmup_random"),
-                                          ("configs/sft.py:test", "lr_rank")])
+                                          ("configs/sft.py:test", "lr_rank"),
+                                          ("configs/reward.py:hh_rlhf_smollm2", "folds")])
 def test_declared_sweeps_expand(tmp_path, config, name):
   sweep = sweeps.prepare(config, sweep_cli.get_spec(config, name), str(tmp_path))
   assert sweep.trials and not sweep.resolve_errors

@@ -35,10 +35,15 @@ def tokenize_corpus(texts: Sequence[str], tokenizer: transformers.PreTrainedToke
 
 def holdout_split(items: Sequence, eval_fraction: float | None = None,
                   eval_count: int | None = None, seed: int = 0,
-                  what: str = "the data", unit: str = "item") -> tuple[list, list]:
+                  what: str = "the data", unit: str = "item", fold: int = 0,
+                  ) -> tuple[list, list]:
   """Holds out whole items (documents, records) for eval before tokenization, so none has text on
   both sides: `eval_count` of them, or `max(1, round(eval_fraction * n))` (none for 0), picked at
-  random from `seed`; give at most one of the two. Both parts keep the input order."""
+  random from `seed`; give at most one of the two. Both parts keep the input order.
+
+  `fold` i holds out the i-th block of that many items of the seeded permutation (fold 0 is the
+  first block), so folds 0..k-1 are disjoint and, with k * eval_count = n, k-fold
+  cross-validation."""
   if eval_fraction is not None and eval_count is not None:
     raise ConfigError("give eval_fraction or eval_count, not both")
   n = len(items)
@@ -51,13 +56,21 @@ def holdout_split(items: Sequence, eval_fraction: float | None = None,
     if not 0.0 <= fraction < 1.0:
       raise ConfigError(f"eval_fraction={fraction} must lie in [0, 1)")
     num_eval = max(1, round(fraction * n)) if fraction > 0 else 0
+  if fold < 0:
+    raise ConfigError(f"eval_fold={fold} must be >= 0")
   if num_eval == 0:
+    if fold:
+      raise ConfigError(f"eval_fold={fold} with no held-out {unit}s: set eval_count")
     return list(items), []
   if num_eval >= n:
     raise DataError(f"{what} has {n} {unit}(s): too few to hold out {num_eval} for eval and "
                     f"still train; add {unit}s or lower eval_fraction/eval_count (0: no eval)")
+  if (fold + 1) * num_eval > n:
+    raise DataError(f"{what} has {n} {unit}(s): eval_fold={fold} holds out {unit}s "
+                    f"{fold * num_eval + 1}..{(fold + 1) * num_eval} of its shuffled order; with "
+                    f"eval_count={num_eval} the folds are 0..{n // num_eval - 1}")
   is_eval = np.zeros(n, bool)
-  is_eval[np.random.default_rng(seed).permutation(n)[:num_eval]] = True
+  is_eval[np.random.default_rng(seed).permutation(n)[fold * num_eval:(fold + 1) * num_eval]] = True
   return ([x for x, e in zip(items, is_eval) if not e],
           [x for x, e in zip(items, is_eval) if e])
 

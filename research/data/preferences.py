@@ -334,19 +334,23 @@ def _checked_record(record: object, number: int) -> tuple[str, str, list[str], f
 
 
 def split_preferences(records: Sequence[Record], eval_fraction: float | None = None,
-                      eval_count: int | None = None, seed: int = 0) -> tuple[list, list]:
+                      eval_count: int | None = None, seed: int = 0, fold: int = 0,
+                      ) -> tuple[list, list]:
   """Holds out whole records (a prompt with all its responses) for eval (see
-  `loader.holdout_split`)."""
-  return holdout_split(records, eval_fraction, eval_count, seed, "the preference data", "record")
+  `loader.holdout_split`, `fold` included)."""
+  return holdout_split(records, eval_fraction, eval_count, seed, "the preference data", "record",
+                       fold)
 
 
-def read_preference_splits(path: str, eval_count: int, seed: int) -> tuple[list, list]:
+def read_preference_splits(path: str, eval_count: int, seed: int, fold: int = 0,
+                           ) -> tuple[list, list]:
   """(train, held-out) records from `path`, comma-separated json/jsonl/parquet files (a config's
   `data.path`), split as `split_preferences` does."""
   paths = [p.strip() for p in path.split(",") if p.strip()]
   if not paths:
     raise ConfigError("data.path is empty: name the preference json/jsonl/parquet file(s)")
-  return split_preferences(read_preference_records(paths), eval_count=eval_count, seed=seed)
+  return split_preferences(read_preference_records(paths), eval_count=eval_count, seed=seed,
+                           fold=fold)
 
 
 def prompt_ids(records: Sequence[Record], tokenizer: transformers.PreTrainedTokenizerBase,

@@ -53,6 +53,7 @@ RANGES: dict[tuple[str, str], Range] = {
     ("data", "seq_len"): at_least(2), ("data", "eval_fraction"): within(0, 1, open_hi=True),
     ("data", "vocab_size"): at_least(1), ("data", "stdlib_max_bytes"): at_least(1),
     ("data", "tokenizer_train_bytes"): at_least(1), ("data", "eval_count"): at_least(0),
+    ("data", "eval_fold"): at_least(0),
     ("data", "max_len"): at_least(2), ("data", "max_prompt_len"): at_least(1),
     ("data", "eval_draws"): at_least(1),
     # model (vocab_size 0 follows the tokenizer)

@@ -194,7 +194,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   check_settings(settings, peft)
   kind = reference_kind(settings.loss, peft, settings.precompute_reference)
   train_records, eval_records = pref_data.read_preference_splits(
-      config.data.path, config.data.eval_count, config.seed)
+      config.data.path, config.data.eval_count, config.seed, config.data.get("eval_fold", 0))
 
   resuming = resume and _has_checkpoint(workdir)
   base_params = None

@@ -108,7 +108,7 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   if peft.method not in ("none", "lora"):
     raise ConfigError(f"the reward model trains fully or with LoRA; peft.method={peft.method!r}")
   train_records, eval_records = pref_data.read_preference_splits(
-      config.data.path, config.data.eval_count, config.seed)
+      config.data.path, config.data.eval_count, config.seed, config.data.get("eval_fold", 0))
 
   base_params = None
   if resume and wd.is_workdir(workdir):
