@@ -7,7 +7,9 @@
 Every trial runs as `python -m experiments.<stage> --config=FILE:PRESET --config.a=b ...
 --workdir=WORKDIR/trial_k --resume=auto`. Finished trials (DONE) are skipped on a rerun; failed ones
 are retried only with --retry_failed. At the end: results.csv / results.md sorted by --metric (its
-last value in each trial's metrics.jsonl) and loss_curves.png (train/loss of every trial).
+last value in each trial's metrics.jsonl) with its mean and spread over the finished trials (over a
+seed or a `data.eval_fold` grid, the figure the sweep measures), and loss_curves.png (train/loss of
+every trial).
 """
 
 from __future__ import annotations
@@ -139,6 +141,22 @@ def _cell(v: Any) -> str:
   return str(v)
 
 
+def summary(rows: list[dict], metric: str) -> str:
+  """One line over the finished trials' last `metric`: over a seed or `data.eval_fold` grid it is
+  the figure the sweep measures (with equal folds, the mean is the pooled k-fold value)."""
+  values = [float(r[metric]) for r in rows if r["status"] == "done" and r[metric] is not None
+            and not math.isnan(float(r[metric]))]
+  if not values:
+    return f"No finished trial logged `{metric}`."
+  mean = sum(values) / len(values)
+  line = f"`{metric}` over the {len(values)} finished trial(s): mean {mean:.6g}"
+  if len(values) > 1:
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    line += f", standard deviation {std:.6g} across trials, min {min(values):.6g}, " \
+            f"max {max(values):.6g}"
+  return line + "."
+
+
 def write_tables(workdir: str, rows: list[dict], metric: str) -> tuple[str, str]:
   columns = ["rank"] + list(dict.fromkeys(k for r in rows for k in r))
   ranked = [{"rank": i + 1, **r} for i, r in enumerate(rows)]
@@ -152,6 +170,7 @@ def write_tables(workdir: str, rows: list[dict], metric: str) -> tuple[str, str]
     f.write("| " + " | ".join(columns) + " |\n|" + " --- |" * len(columns) + "\n")
     for r in ranked:
       f.write("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in columns) + " |\n")
+    f.write("\n" + summary(rows, metric) + "\n")
   return csv_path, md_path
 
 

@@ -121,8 +121,13 @@ def test_grid_sweep_reports_failures_resumes_and_retries(tmp_path):
   assert float(rows[0]["eval/loss"]) == pytest.approx(5.0 - 0.9)
   assert rows[0]["optimizer.lr"] == "0.003" and rows[0]["step"] == "3"
   assert "choose 'cosine' or 'constant'" in rows[2]["error"] and not rows[0]["error"]
+  done = [float(r["eval/loss"]) for r in rows[:2]]
+  mean, std = sum(done) / 2, abs(done[0] - done[1]) / 2 ** 0.5
   with open(paths["markdown"]) as f:
-    assert "| 1 | trial_002 | done |" in f.read()
+    text = f.read()
+  assert "| 1 | trial_002 | done |" in text
+  assert (f"`eval/loss` over the 2 finished trial(s): mean {mean:.6g}, standard deviation "
+          f"{std:.6g} across trials, min {min(done):.6g}, max {max(done):.6g}.") in text
   with open(paths["png"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with open(os.path.join(workdir, "trial_002", "trial.json")) as f:
