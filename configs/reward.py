@@ -30,6 +30,10 @@ def base_config() -> ConfigDict:
       seed=0,
       init="",  # an SFT/pretrain workdir or HF directory; '' = build a small base first
       peft=peft_config(method="none"),
+      # "probe": the score head starts at a linear probe's fit on the frozen init's features where
+      # it reads, over the training pairs (linear probing, then fine-tuning; one forward pass of
+      # them first); "random": a fresh head, as transformers makes one.
+      head_init="random",
       # long_prompts: "error" stops on a prompt of max_len tokens or more; "truncate" keeps its end.
       # chat_template: prompts rendered as turns of the tokenizer's chat template (an instruct
       # model's own format; no effect when it has none), responses closed by its EOS.

@@ -64,12 +64,22 @@ class ProbeResult:
     return float(np.sqrt(self.accuracy * (1.0 - self.accuracy) / max(self.pairs, 1)))
 
 
-def _held_out_margins(features_nkf, valid_nk, train, test, l2_grid, inner_folds, seed):
-  scale = feature_scale(features_nkf, valid_nk, train)
+def fit_head(features_nkf: np.ndarray, valid_nk: np.ndarray, records: np.ndarray | None = None,
+             l2_grid: Sequence[float] = L2_GRID, folds: int = 5, seed: int = 0,
+             ) -> tuple[np.ndarray, float]:
+  """(w [F], l2): the probe fit on `records` (all by default) with features scaled to unit
+  variance and the L2 strength chosen by `folds`-fold CV among those records; `w` applies to the
+  unscaled features (score = w . f), so it can serve as a score head's kernel."""
+  records = np.arange(len(features_nkf)) if records is None else np.asarray(records)
+  scale = feature_scale(features_nkf, valid_nk, records)
   scaled = features_nkf / scale
-  l2 = choose_l2(scaled, valid_nk, train, l2_grid, inner_folds, seed)
-  w = fit_bradley_terry(pair_differences(scaled, valid_nk, train), l2)
-  return pair_differences(scaled, valid_nk, test) @ w, l2
+  l2 = choose_l2(scaled, valid_nk, records, l2_grid, folds, seed)
+  return fit_bradley_terry(pair_differences(scaled, valid_nk, records), l2) / scale, l2
+
+
+def _held_out_margins(features_nkf, valid_nk, train, test, l2_grid, inner_folds, seed):
+  w, l2 = fit_head(features_nkf, valid_nk, train, l2_grid, inner_folds, seed)
+  return pair_differences(features_nkf, valid_nk, test) @ w, l2
 
 
 def _summary(margins: Sequence[np.ndarray], l2s: Sequence[float]) -> ProbeResult:

@@ -18,49 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from research import sweeps
 from research.errors import UserError
-
-POOLINGS = ("last", "mean")
-
-
-def pooled_features(params: Any, cfg: Any, rows: dict[str, np.ndarray], batch_size: int = 8,
-                    log=print) -> dict[str, np.ndarray]:
-  """{"last": [N, K, E], "mean": [N, K, E]} float32 final hidden states of the frozen decoder over
-  the rows of research.data.preferences.tokenize_preferences."""
-  # pylint: disable=import-outside-toplevel
-  import jax
-  from research.models.decoder import Decoder
-
-  @jax.jit
-  def hidden(params, tokens, segments, positions):
-    _, hidden_bte = Decoder(cfg).apply({"params": params}, tokens, segments, positions)
-    return hidden_bte.astype(jax.numpy.float32)
-
-  n, k, t = rows["tokens_bkt"].shape
-  flat = {key: rows[key].reshape(n * k, *rows[key].shape[2:]) for key in
-          ("tokens_bkt", "segment_ids_bkt", "positions_bkt", "response_mask_bkt",
-           "last_index_bk")}
-  out = {p: np.zeros((n * k, cfg.hidden_size), np.float32) for p in POOLINGS}
-  start = time.time()
-  for i in range(0, n * k, batch_size):
-    m = min(batch_size, n * k - i)
-    pad = lambda x: np.concatenate(  # noqa: E731  (one compiled shape: pad the last batch)
-        [x[i:i + m], np.zeros((batch_size - m, *x.shape[1:]), x.dtype)])
-    h_bte = np.asarray(hidden(params, pad(flat["tokens_bkt"]), pad(flat["segment_ids_bkt"]),
-                              pad(flat["positions_bkt"])))[:m]
-    mask_bt = flat["response_mask_bkt"][i:i + m]
-    out["last"][i:i + m] = h_bte[np.arange(m), flat["last_index_bk"][i:i + m]]
-    out["mean"][i:i + m] = (h_bte * mask_bt[..., None]).sum(1) / np.maximum(
-        mask_bt.sum(1, keepdims=True), 1.0)
-    if log and (i // batch_size) % 25 == 0:
-      log(f"features: {i + m}/{n * k} responses, {time.time() - start:.0f} s")
-  return {p: x.reshape(n, k, -1) for p, x in out.items()}
 
 
 def length_baseline(lengths_nk: np.ndarray, valid_nk: np.ndarray, records: np.ndarray) -> float:
@@ -79,6 +42,7 @@ def probe(config, folds: int = 5, log=print) -> dict[str, Any]:
   from research.data import preferences as pref_data
   from research.data import tokenizer as tokenizer_lib
   from research.stages import setup
+  from research.stages.reward_probe import pooled_features
 
   if config.get("stage") != "reward":
     raise UserError(f"the probe reads a reward config; this one is stage={config.get('stage')!r}")
@@ -98,11 +62,12 @@ def probe(config, folds: int = 5, log=print) -> dict[str, Any]:
     records = pref_data.chat_records(records, tokenizer)
   rows, report = pref_data.tokenize_preferences(records, tokenizer, config.data.max_len,
                                                 config.data.long_prompts)
-  log(f"probe data: {report}")
+  if log:
+    log(f"probe data: {report}")
   valid_nk = rows["valid_bk"]
   lengths_nk = np.array([[len(r["responses"][j]) if j < len(r["responses"]) else 0
                           for j in range(valid_nk.shape[1])] for r in records])
-  features = pooled_features(params, cfg, rows, config.train.eval_batch_size, log)
+  features = pooled_features(params, cfg, rows, config.train.eval_batch_size, log=log)
   everything = np.arange(len(records))
   result: dict[str, Any] = {
       "records": len(records), "folds": folds, "seed": config.seed,
@@ -128,7 +93,7 @@ def format_report(result: dict[str, Any]) -> str:
            f"config's split ({split['train']} train, {split['held_out']} held out)",
            "| features | nested k-fold accuracy | log loss | split: held-out accuracy |",
            "|---|---|---|---|"]
-  for pooling in POOLINGS:
+  for pooling in ("last", "mean"):
     nested, own = result[pooling]["nested_cv"], result[pooling]["split"]
     lines.append(f"| {pooling} | {nested['accuracy']:.3f} (se {nested['standard_error']:.3f}) | "
                  f"{nested['log_loss']:.4f} | "

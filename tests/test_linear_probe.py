@@ -71,29 +71,39 @@ def test_length_baseline_counts_ties_as_half():
   assert length_baseline(lengths, np.ones((3, 2), bool), np.arange(3)) == 0.5
 
 
-def test_probe_script_on_a_tiny_model(tmp_path, capsys):
-  """The script end to end on a tiny GGUF-imported model and pairs whose preferred answer is
-  polite: both poolings rank nearly all held-out pairs right, and `last` is the feature the reward
-  stage's score head reads (a head applied to it gives the stage's scores)."""
+@pytest.fixture(scope="module")
+def tiny_pairs(tmp_path_factory):
+  """(HF dir of a tiny GGUF-imported model with a ChatML template, 60 pairs whose preferred
+  answer is polite and longer)."""
   from gguf_files import write_gguf
-  from configs.reward import get_config
-  from research.data import preferences as pref_data
-  from research.data.tokenizer import load_tokenizer
   from research.interop.gguf_import import gguf_to_hf_dir
-  from research.models.peft import NO_PEFT
-  from research.stages import setup
-  from research.stages.reward import completion_scores
-  from scripts import probe_reward
-
-  hf_dir = gguf_to_hf_dir(write_gguf(tmp_path / "m.gguf", seed=4), tmp_path / "hf")
+  tmp = tmp_path_factory.mktemp("probe")
+  hf_dir = gguf_to_hf_dir(write_gguf(tmp / "m.gguf", seed=4), tmp / "hf")
   rng = np.random.default_rng(0)
-  path = tmp_path / "pairs.jsonl"
+  path = tmp / "pairs.jsonl"
   with open(path, "w") as f:
     for i in range(60):
       topic = ["the tin", "a he", "the sun", "my cat"][rng.integers(4)]
       good, bad = f"gladly, a kind word on {topic}", f"no, {topic} is bad"
       f.write(json.dumps({"prompt": f"tell me of {topic} {i}", "chosen": good,
                           "rejected": bad}) + "\n")
+  return hf_dir, path
+
+
+def test_probe_script_on_a_tiny_model(tiny_pairs, tmp_path, capsys):
+  """The script end to end on a tiny GGUF-imported model and pairs whose preferred answer is
+  polite: both poolings rank nearly all held-out pairs right, and `last` is the feature the reward
+  stage's score head reads (a head applied to it gives the stage's scores)."""
+  from configs.reward import get_config
+  from research.data import preferences as pref_data
+  from research.data.tokenizer import load_tokenizer
+  from research.models.peft import NO_PEFT
+  from research.stages import setup
+  from research.stages.reward import completion_scores
+  from research.stages.reward_probe import pooled_features
+  from scripts import probe_reward
+
+  hf_dir, path = tiny_pairs
   args = [f"--config.init={hf_dir}", f"--config.data.path={path}", "--config.data.eval_count=12",
           "--config.data.chat_template=True", "--folds=4", f"--json={tmp_path / 'p.json'}"]
   assert probe_reward.main(["--config=configs/reward.py:test"] + args) == 0
@@ -113,10 +123,40 @@ def test_probe_script_on_a_tiny_model(tmp_path, capsys):
   records = pref_data.chat_records(pref_data.read_preference_records(str(path))[:5], tok)
   rows, _ = pref_data.tokenize_preferences(records, tok, config.data.max_len,
                                            config.data.long_prompts)
-  features = probe_reward.pooled_features(params, cfg, rows, batch_size=4, log=None)
+  features = pooled_features(params, cfg, rows, batch_size=4, log=None)
   kernel = np.random.default_rng(1).normal(size=(cfg.hidden_size, 1)).astype(np.float32)
   with_head = {**params, "score": {"dense": {"kernel": jnp.asarray(kernel)}}}
   scores = completion_scores(with_head, cfg, NO_PEFT, {k: jnp.asarray(v) for k, v in rows.items()})
   np.testing.assert_allclose(features["last"] @ kernel[:, 0], np.asarray(scores), atol=1e-4)
   with pytest.raises(SystemExit):
     probe_reward.main(["--config=configs/reward.py:test", "--bogus=1"])
+
+
+def test_reward_head_init_probe_starts_where_the_probe_ranks(tiny_pairs, tmp_path):
+  """head_init="probe": the reward stage's step-0 held-out accuracy is the probe's own on the same
+  split (the head is the probe's `last` fit on the training pairs), far above a random head's."""
+  from configs.reward import get_config
+  from research.stages import reward
+  from research.train.metrics import read_metrics
+  from scripts import probe_reward
+  hf_dir, path = tiny_pairs
+
+  def config(head_init):
+    c = get_config("test")
+    c.update(init=str(hf_dir), head_init=head_init)
+    c.data.update(path=str(path), eval_count=12, chat_template=True)
+    c.train.update(steps=1, eval_every=1, max_eval_batches=4, checkpoint_every=0)
+    c.optimizer.warmup_steps = 0
+    return c
+
+  expected = probe_reward.probe(config("probe"), folds=4, log=None)["last"]["split"]
+  first_eval = {}
+  for head_init in ("probe", "random"):
+    reward.run(config(head_init), str(tmp_path / head_init))
+    first_eval[head_init] = next(m for m in read_metrics(tmp_path / head_init)
+                                 if "eval/accuracy" in m)
+  assert first_eval["probe"]["step"] == 0 and first_eval["probe"]["eval/pairs"] == 12
+  assert first_eval["probe"]["eval/accuracy"] == pytest.approx(expected["accuracy"])
+  assert first_eval["probe"]["eval/accuracy"] >= 0.9 > first_eval["random"]["eval/accuracy"]
+  with pytest.raises(ConfigError, match="head_init='bogus'"):
+    reward.run(config("bogus"), str(tmp_path / "bogus"))

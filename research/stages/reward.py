@@ -22,10 +22,14 @@ from research.objectives.ranking import pair_metrics, rank_loss, reward_centerin
 from research.stages import setup
 from research.stages.base_model import build_base
 from research.stages.lm import merge_params
+from research.stages.reward_probe import probe_head
 from research.stages.sft import peft_from
 from research.stages.training import StageSpec, host_slices, run_training
 from research.train import workdir as wd
 
+# "random": the score head starts as transformers' does (normal, std 0.02); "probe": at the linear
+# probe's fit on the frozen start's features where it reads (research/stages/reward_probe.py).
+HEAD_INITS = ("random", "probe")
 BATCH_KEYS = ("tokens_bkt", "segment_ids_bkt", "positions_bkt", "last_index_bk", "valid_bk",
               "margin_b")
 
@@ -107,6 +111,9 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   peft = peft_from(config.peft) if "peft" in config else NO_PEFT
   if peft.method not in ("none", "lora"):
     raise ConfigError(f"the reward model trains fully or with LoRA; peft.method={peft.method!r}")
+  head_init = config.get("head_init", "random")
+  if head_init not in HEAD_INITS:
+    raise ConfigError(f"head_init={head_init!r}; choose one of {HEAD_INITS}")
   train_records, eval_records = pref_data.read_preference_splits(
       config.data.path, config.data.eval_count, config.seed, config.data.get("eval_fold", 0))
 
@@ -133,6 +140,9 @@ def run(config: ConfigDict, workdir: str, resume: bool = False) -> dict[str, Any
   print(f"reward data: {report}", flush=True)
   train_rows = {k: train_rows[k] for k in BATCH_KEYS}
   eval_rows = {k: eval_rows[k] for k in BATCH_KEYS}
+  if head_init == "probe" and base_params is not None:  # a resumed run has its head already
+    base_params = {**base_params, SCORE_HEAD: probe_head(
+        base_params, cfg, train_rows, config.train.eval_batch_size, config.seed)}
   wd.write_model_files(workdir, cfg, tokenizer, peft, head=SCORE_HEAD)
   setup.save_run_config(workdir, config)
 
