@@ -2,7 +2,7 @@
 preference pairs, before any fine-tuning (research/linear_probe.py).
 
   python -m scripts.probe_reward --config=configs/reward.py:hh_rlhf_smollm2 [--config.x=y ...] \
-      [--folds=5] [--json=FILE]
+      [--folds=5] [--every_fold] [--json=FILE]
 
 Reads the reward config's `init` and data (path, max_len, long_prompts, chat_template, eval_count,
 eval_fold, seed), tokenizes every record exactly as the reward stage does, forwards each response
@@ -34,8 +34,10 @@ def length_baseline(lengths_nk: np.ndarray, valid_nk: np.ndarray, records: np.nd
   return float(np.mean(hits)) if hits else float("nan")
 
 
-def probe(config, folds: int = 5, log=print) -> dict[str, Any]:
-  """The report of the module docstring, as a dict (see `format_report`)."""
+def probe(config, folds: int = 5, every_fold: bool = False, log=print) -> dict[str, Any]:
+  """The report of the module docstring, as a dict (see `format_report`); `every_fold` adds the
+  split score of every `data.eval_fold` the records allow (as a `folds` sweep holds them out), to
+  set beside a k-fold sweep of the reward stage fold by fold."""
   # pylint: disable=import-outside-toplevel
   from research import linear_probe
   from research.data import loader
@@ -79,6 +81,17 @@ def probe(config, folds: int = 5, log=print) -> dict[str, Any]:
     split = linear_probe.split_score(feats, valid_nk, np.array(train), np.array(test),
                                      seed=config.seed) if test else None
     result[pooling] = {"nested_cv": _as_dict(nested), "split": split and _as_dict(split)}
+  if every_fold and config.data.eval_count:
+    result["every_fold"] = []
+    for fold in range(len(records) // config.data.eval_count):
+      train_f, test_f = loader.holdout_split(list(range(len(records))), None,
+                                             config.data.eval_count, config.seed, fold=fold)
+      row = {"fold": fold, "held_out": len(test_f),
+             "length_baseline": length_baseline(lengths_nk, valid_nk, np.array(test_f))}
+      for pooling, feats in features.items():
+        row[pooling] = _as_dict(linear_probe.split_score(
+            feats, valid_nk, np.array(train_f), np.array(test_f), seed=config.seed))
+      result["every_fold"].append(row)
   return result
 
 
@@ -100,6 +113,11 @@ def format_report(result: dict[str, Any]) -> str:
                  + (f"{own['accuracy']:.3f} of {own['pairs']} |" if own else "- |"))
   base = result["length_baseline"]
   lines.append(f"| length baseline | {base['all']:.3f} | | {base['held_out']:.3f} |")
+  if result.get("every_fold"):
+    lines += ["", "| eval_fold | held out | last | mean | length baseline |", "|---|---|---|---|---|"]
+    lines += [f"| {r['fold']} | {r['held_out']} | {r['last']['accuracy']:.3f} | "
+              f"{r['mean']['accuracy']:.3f} | {r['length_baseline']:.3f} |"
+              for r in result["every_fold"]]
   return "\n".join(lines)
 
 
@@ -108,13 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--config", required=True, help="FILE[:PRESET] of a reward config; --config.x=y "
                  "overrides follow")
   p.add_argument("--folds", type=int, default=5, help="outer folds of the nested k-fold")
+  p.add_argument("--every_fold", action="store_true", help="also score the split of every "
+                 "data.eval_fold (fold by fold beside a `folds` sweep)")
   p.add_argument("--json", default="", help="also write the report here")
   args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
   unknown = [a for a in rest if not a.startswith("--config.")]
   if unknown:
     p.error(f"unrecognized arguments: {' '.join(unknown)}")
   try:
-    result = probe(sweeps.resolve_config(args.config, rest), args.folds)
+    result = probe(sweeps.resolve_config(args.config, rest), args.folds, args.every_fold)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

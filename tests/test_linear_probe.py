@@ -105,7 +105,8 @@ def test_probe_script_on_a_tiny_model(tiny_pairs, tmp_path, capsys):
 
   hf_dir, path = tiny_pairs
   args = [f"--config.init={hf_dir}", f"--config.data.path={path}", "--config.data.eval_count=12",
-          "--config.data.chat_template=True", "--folds=4", f"--json={tmp_path / 'p.json'}"]
+          "--config.data.chat_template=True", "--folds=4", "--every_fold",
+          f"--json={tmp_path / 'p.json'}"]
   assert probe_reward.main(["--config=configs/reward.py:test"] + args) == 0
   report = json.loads((tmp_path / "p.json").read_text())
   out = capsys.readouterr().out
@@ -115,6 +116,10 @@ def test_probe_script_on_a_tiny_model(tiny_pairs, tmp_path, capsys):
     assert report[pooling]["nested_cv"]["accuracy"] >= 0.9, report
     assert report[pooling]["split"]["pairs"] == 12
   assert report["length_baseline"]["all"] == 0.0  # the rejected "no, ... is bad" is shorter
+  # Every fold of 12 records: fold 0 is the config's own split, and the five cover all 60.
+  assert [r["held_out"] for r in report["every_fold"]] == [12] * 5
+  assert report["every_fold"][0]["last"] == report["last"]["split"]
+  assert "| eval_fold | held out |" in out
 
   config = get_config("test")
   cfg, params, tok_dir = setup.load_init_weights(str(hf_dir), setup.mesh_from(config),
