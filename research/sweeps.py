@@ -16,6 +16,7 @@ Each grid point gets `n` random draws (grid x n trials; only `random`: n trials)
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import importlib.util
@@ -148,6 +149,17 @@ def format_value(value: Any) -> str:
 
 def override_args(overrides: Mapping[str, Any]) -> list[str]:
   return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]
+                         ) -> tuple[argparse.Namespace, list[str]]:
+  """(the parser's args, the `--config.x=y` overrides) of a script that takes a config the way the
+  entry points do; anything else the parser does not know stops it with its usage error."""
+  args, rest = parser.parse_known_args(list(argv))
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  return args, rest
 
 
 def resolve_config(config_ref: str, args: Sequence[str] = ()) -> ConfigDict:

@@ -131,10 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--devices", type=int, default=0, help="devices to plan for (default: config)")
   p.add_argument("--fast", action="store_true", help="FLOPs from the uncompiled program")
   p.add_argument("--json", default="", help="also write the plan here")
-  args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-  unknown = [a for a in rest if not a.startswith("--config.")]
-  if unknown:
-    p.error(f"unrecognized arguments: {' '.join(unknown)}")
+  args, rest = sweeps.parse_with_overrides(p, sys.argv[1:] if argv is None else argv)
   try:
     config = sweeps.resolve_config(args.config, rest)
     n = device_count(config, args.devices)

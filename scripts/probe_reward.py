@@ -129,10 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--every_fold", action="store_true", help="also score the split of every "
                  "data.eval_fold (fold by fold beside a `folds` sweep)")
   p.add_argument("--json", default="", help="also write the report here")
-  args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-  unknown = [a for a in rest if not a.startswith("--config.")]
-  if unknown:
-    p.error(f"unrecognized arguments: {' '.join(unknown)}")
+  args, rest = sweeps.parse_with_overrides(p, sys.argv[1:] if argv is None else argv)
   try:
     result = probe(sweeps.resolve_config(args.config, rest), args.folds, args.every_fold)
   except UserError as e:
