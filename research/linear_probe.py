@@ -44,7 +44,8 @@ def fit_bradley_terry(diffs_pf: np.ndarray, l2: float) -> np.ndarray:
   return optimize.minimize(objective, np.zeros(d.shape[1]), jac=True, method="L-BFGS-B").x
 
 
-def feature_scale(features_nkf: np.ndarray, valid_nk: np.ndarray, records: np.ndarray) -> np.ndarray:
+def feature_scale(features_nkf: np.ndarray, valid_nk: np.ndarray,
+                  records: np.ndarray) -> np.ndarray:
   """Per-feature standard deviation over the given records' responses (so one L2 strength suits
   every feature, whatever its range); 1 where a feature is constant."""
   x = features_nkf[records][valid_nk[records]]

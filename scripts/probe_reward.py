@@ -114,7 +114,8 @@ def format_report(result: dict[str, Any]) -> str:
   base = result["length_baseline"]
   lines.append(f"| length baseline | {base['all']:.3f} | | {base['held_out']:.3f} |")
   if result.get("every_fold"):
-    lines += ["", "| eval_fold | held out | last | mean | length baseline |", "|---|---|---|---|---|"]
+    lines += ["", "| eval_fold | held out | last | mean | length baseline |",
+              "|---|---|---|---|---|"]
     lines += [f"| {r['fold']} | {r['held_out']} | {r['last']['accuracy']:.3f} | "
               f"{r['mean']['accuracy']:.3f} | {r['length_baseline']:.3f} |"
               for r in result["every_fold"]]
