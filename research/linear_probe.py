@@ -98,15 +98,21 @@ def fold_records(records: np.ndarray, folds: int, seed: int) -> list[np.ndarray]
   return [np.sort(shuffled[f::folds]) for f in range(folds)]
 
 
+def cv_splits(records: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(train, test) record indices of each of the `fold_records` parts held out in turn."""
+  parts = fold_records(records, folds, seed)
+  return [(np.concatenate([p for g, p in enumerate(parts) if g != f]), test)
+          for f, test in enumerate(parts)]
+
+
 def choose_l2(features_nkf: np.ndarray, valid_nk: np.ndarray, records: np.ndarray,
               l2_grid: Sequence[float] = L2_GRID, folds: int = 5, seed: int = 0) -> float:
   """The L2 strength of `l2_grid` with the lowest cross-validated log loss over `records` alone."""
-  parts = fold_records(records, folds, seed)
+  splits = cv_splits(records, folds, seed)
   best = None
   for l2 in l2_grid:
     losses = []
-    for f, test in enumerate(parts):
-      train = np.concatenate([p for g, p in enumerate(parts) if g != f])
+    for train, test in splits:
       w = fit_bradley_terry(pair_differences(features_nkf, valid_nk, train), l2)
       losses.append(np.logaddexp(0.0, -(pair_differences(features_nkf, valid_nk, test) @ w)))
     loss = float(np.mean(np.concatenate(losses)))
@@ -119,10 +125,8 @@ def nested_cv(features_nkf: np.ndarray, valid_nk: np.ndarray, folds: int = 5, se
               l2_grid: Sequence[float] = L2_GRID, inner_folds: int = 5) -> ProbeResult:
   """Every record held out once: each outer fold's head is fit (scale and L2 chosen) on the
   other folds only, and scores the pairs of its own."""
-  parts = fold_records(np.arange(len(features_nkf)), folds, seed)
   margins, l2s = [], []
-  for f, test in enumerate(parts):
-    train = np.concatenate([p for g, p in enumerate(parts) if g != f])
+  for train, test in cv_splits(np.arange(len(features_nkf)), folds, seed):
     m, l2 = _held_out_margins(features_nkf, valid_nk, train, test, l2_grid, inner_folds, seed)
     margins.append(m)
     l2s.append(l2)
