@@ -51,8 +51,7 @@ def probe(config, folds: int = 5, every_fold: bool = False, log=print) -> dict[s
   if not config.init:
     raise UserError("config.init is empty: the probe needs a starting model (a workdir, an HF "
                     "directory or fetch:NAME)")
-  records = pref_data.read_preference_records(
-      [p.strip() for p in config.data.path.split(",") if p.strip()])
+  records, _ = pref_data.read_preference_splits(config.data.path, 0, config.seed)  # all, in order
   train, test = loader.holdout_split(list(range(len(records))), None, config.data.eval_count,
                                      config.seed, "the preference data", "record",
                                      config.data.get("eval_fold", 0))

@@ -27,7 +27,8 @@ def pooled_features(params: Any, cfg: ModelConfig, rows: dict[str, np.ndarray],
   where the score head reads; "mean" over `response_mask_bkt`, the response and its EOS."""
   @jax.jit
   def hidden(params, tokens, segments, positions):
-    _, hidden_bte = Decoder(cfg).apply({"params": params}, tokens, segments, positions)
+    _, hidden_bte = Decoder(cfg).apply({"params": params}, tokens, segments, positions,
+                                       compute_logits=False)
     return hidden_bte.astype(jnp.float32)
 
   n, k, _ = rows["tokens_bkt"].shape
